@@ -1,0 +1,1 @@
+"""Pure DICOM → FHIR mappings (no network, disk or database; never imports gateway)."""

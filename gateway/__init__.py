@@ -1,0 +1,1 @@
+"""imaging-gateway: a FHIR-integrated DICOM gateway."""

@@ -1,0 +1,258 @@
+"""``imaging-gateway serve | import | reindex``: entry points that only translate.
+
+Exit codes: 0 success; 1 the command ran but some instances failed; 2 bad configuration or
+usage (one line on stderr naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from gateway.bootstrap import Services, build_services
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError, StoreError
+
+log = logging.getLogger("gateway")
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=getattr(logging, settings.log["level"].upper()),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+# -- serve ----------------------------------------------------------------------------------------
+def _wait_for_signal() -> str:
+    stop = threading.Event()
+    received: list[str] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.wait(0.5):
+        pass
+    return received[0]
+
+
+def _dimse_worker(settings: Settings) -> None:
+    """A receiver process sharing the DICOM port (``dimse.workers`` > 1)."""
+    from gateway.dimse import DimseNode
+
+    _setup_logging(settings)
+    services = build_services(settings, create_schema=False)
+    node = DimseNode(settings, services.ingest)
+    node.start(reuse_port=True)
+    _wait_for_signal()
+    node.stop()
+    services.close()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def serve(settings: Settings) -> int:
+    """Run the DICOM listener and the HTTP server until SIGTERM/SIGINT, then drain and exit."""
+    from werkzeug.serving import make_server
+
+    from gateway.dimse import DimseNode
+    from gateway.web import InFlight, create_app
+
+    services = build_services(settings)
+    leftovers = services.storage.clear_staging()
+    if leftovers:
+        log.info("removed %d unacknowledged partial receptions from staging", leftovers)
+    workers: list[multiprocessing.Process] = []
+    node: DimseNode | None = None
+    if settings.dimse["workers"] > 1:
+        if settings.dimse["port"] == 0:
+            port = _free_port(settings.dimse["host"])
+            settings = load_settings_with(settings, "dimse", "port", port)
+        spawn = multiprocessing.get_context("spawn")
+        for number in range(settings.dimse["workers"]):
+            worker = spawn.Process(target=_dimse_worker, args=(settings,),
+                                   name=f"dimse-{number}", daemon=False)
+            worker.start()
+            workers.append(worker)
+        dimse_address = f"{settings.dimse['host']}:{settings.dimse['port']}"
+    else:
+        node = DimseNode(settings, services.ingest)
+        host, port = node.start()
+        dimse_address = f"{host}:{port}"
+    in_flight = InFlight(create_app(services))
+    http = make_server(settings.http["host"], settings.http["port"], in_flight, threaded=True)
+    http_thread = threading.Thread(target=http.serve_forever, name="http", daemon=True)
+    http_thread.start()
+    log.info("imaging-gateway ready: DICOM %s@%s (%d receiver process(es)), HTTP %s:%s, "
+             "DICOMweb %s", settings.dimse["ae_title"], dimse_address,
+             max(1, len(workers)), settings.http["host"], http.server_port,
+             settings.dicomweb_url)
+    signame = _wait_for_signal()
+    log.info("%s received: draining", signame)
+    http.shutdown()
+    if not in_flight.idle.wait(30):
+        log.warning("%d HTTP requests still running after 30 s; exiting", in_flight.count)
+    if node is not None:
+        node.stop()
+    for worker in workers:
+        if worker.pid is not None:
+            os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(40)
+    services.close()
+    log.info("stopped")
+    return 0
+
+
+def load_settings_with(settings: Settings, section: str, key: str, value: Any) -> Settings:
+    """A copy of ``settings`` with one value changed."""
+    from dataclasses import replace
+
+    changed = dict(getattr(settings, section))
+    changed[key] = value
+    return replace(settings, **{section: changed})
+
+
+# -- import ---------------------------------------------------------------------------------------
+def _candidate_files(paths: Sequence[str]) -> Iterator[Path]:
+    for name in paths:
+        root = Path(name)
+        if root.is_file():
+            yield root
+        elif root.is_dir():
+            for directory, subdirs, files in os.walk(root):
+                subdirs.sort()
+                for file in sorted(files):
+                    yield Path(directory) / file
+        else:
+            log.warning("import: %s does not exist", root)
+
+
+def _is_part10(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def import_paths(services: Services, paths: Sequence[str], *, jobs: int, progress: bool) -> int:
+    """Bulk-import a folder tree (what a site migrating from another archive does first).
+
+    Files without a Part 10 header ('DICM' at byte 128) are skipped; re-running skips what is
+    already stored (identical data set → "unchanged"). Returns the number of failures.
+    """
+    files = list(_candidate_files(paths))
+    outcomes: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+
+    def one(path: Path) -> None:
+        if not _is_part10(path):
+            outcomes["skipped (not a DICOM Part 10 file)"] += 1
+            return
+        try:
+            result = services.ingest.store_file(path, move=False, source="import")
+            outcomes[result.outcome] += 1
+        except StoreError as exc:
+            outcomes["failed"] += 1
+            reasons[f"0x{exc.status:04X} {type(exc).__name__}"] += 1
+            log.warning("import %s failed 0x%04X: %s", path, exc.status, exc)
+
+    with tqdm(total=len(files), unit="file", disable=not progress, desc="import") as bar, \
+            ThreadPoolExecutor(max_workers=jobs) as pool:
+        for _ in pool.map(one, files):
+            bar.update()
+    print(f"import: {len(files)} files: " + ", ".join(f"{count} {name}" for name, count in
+                                                      sorted(outcomes.items())))
+    for reason, count in reasons.most_common():
+        print(f"  failed {count}× {reason}")
+    return outcomes["failed"]
+
+
+def reindex(services: Services, *, progress: bool) -> int:
+    """Rebuild the index from the stored blobs (run with the gateway stopped)."""
+    services.storage.clear_staging()
+    keys = list(services.storage.keys())
+    services.index.clear()
+    failures = 0
+    for key in tqdm(keys, unit="file", disable=not progress, desc="reindex"):
+        try:
+            services.ingest.index_blob(key)
+        except StoreError as exc:
+            failures += 1
+            log.warning("reindex %s failed: %s", key, exc)
+    counts = services.index.counts()
+    print(f"reindex: {len(keys)} blobs, {failures} failed; index now holds "
+          + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return failures
+
+
+# -- main -----------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imaging-gateway", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", "-c", help="TOML configuration file")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the DICOM and HTTP servers")
+    serve_cmd.add_argument("--config", "-c", dest="sub_config", help="TOML configuration file")
+    imp = commands.add_parser("import", help="bulk-import a folder tree of DICOM files")
+    imp.add_argument("--config", "-c", dest="sub_config", help="TOML configuration file")
+    imp.add_argument("paths", nargs="+", help="files or folders to import")
+    imp.add_argument("--jobs", "-j", type=int, default=4, help="parallel files (default 4)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rei = commands.add_parser("reindex", help="rebuild the index from the stored files")
+    rei.add_argument("--config", "-c", dest="sub_config", help="TOML configuration file")
+    rei.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(getattr(args, "sub_config", None) or args.config)
+    except ConfigError as exc:
+        print(f"imaging-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    try:
+        if args.command == "serve":
+            return serve(settings)
+        services = build_services(settings)
+        try:
+            if args.command == "import":
+                failed = import_paths(services, args.paths, jobs=max(1, args.jobs),
+                                      progress=not args.no_progress)
+            else:
+                failed = reindex(services, progress=not args.no_progress)
+        finally:
+            services.close()
+        return 1 if failed else 0
+    except ConfigError as exc:
+        print(f"imaging-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

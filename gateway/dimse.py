@@ -1,0 +1,180 @@
+"""The DICOM network node (PS3.7/PS3.8 via pynetdicom): C-ECHO and C-STORE, translation only.
+
+Every received data set is streamed by pynetdicom into a file in the storage's staging area
+(``STORE_RECV_CHUNKED_DATASET``: preamble, file meta, then the data set bytes exactly as they
+came off the wire) and handed to :meth:`gateway.ingest.Ingest.store_file`, which moves it into
+place. The response status is whatever the single write path decided (PS3.4 B.2.3).
+
+Association policy: the called AE title must be ours (``dimse.check_called_ae``) and, when
+``dimse.allowed_callers`` is set, the calling AE title must be in it; otherwise the association
+is rejected (A-ASSOCIATE-RJ, permanent, "called/calling AE title not recognised").
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateway.config import Settings
+from gateway.errors import StoreError
+from gateway.ingest import Ingest
+
+log = logging.getLogger("gateway.dimse")
+
+#: Every transfer syntax pydicom knows: stored byte-exact, so none needs a codec here.
+TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide settings for a receiver: stream data sets to disk, keep logs free of PHI."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    # Values are stored as received; validating them while indexing only costs time and noise.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class GatewayAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the socket options a fast receiver needs.
+
+    * ``SO_REUSEPORT`` so several receiver processes can share the DICOM port;
+    * ``TCP_NODELAY`` on accepted sockets: C-STORE-RSP is a small message the sender waits
+      for, and Nagle + delayed ACK would add ~40 ms to every instance;
+    * large socket buffers for streaming multi-megabyte data sets.
+    """
+
+    daemon_threads = True
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+class DimseNode:
+    """The gateway's DICOM AE: builds the pynetdicom AE and serves it until stopped."""
+
+    def __init__(self, settings: Settings, ingest: Ingest) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.server: GatewayAssociationServer | None = None
+        configure_pynetdicom()
+        # pynetdicom writes received data sets with NamedTemporaryFile(): keep them on the
+        # storage file system so moving them into place is a rename, not a copy.
+        tempfile.tempdir = str(ingest.storage.staging_dir())
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        dimse = self.settings.dimse
+        ae = AE(ae_title=dimse["ae_title"])
+        ae.maximum_pdu_size = dimse["max_pdu"]
+        ae.network_timeout = dimse["network_timeout"]
+        ae.acse_timeout = 30
+        ae.dimse_timeout = dimse["network_timeout"]
+        ae.maximum_associations = 64
+        ae.require_called_aet = dimse["check_called_ae"]
+        if dimse["allowed_callers"] is not None:
+            ae.require_calling_aet = list(dimse["allowed_callers"])
+        ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, *, reuse_port: bool = False) -> tuple[str, int]:
+        """Start listening in background threads; returns the bound (host, port)."""
+        dimse = self.settings.dimse
+        server_class = type("Server", (GatewayAssociationServer,), {"reuse_port": reuse_port})
+        server = self.ae.make_server((dimse["host"], dimse["port"]),
+                                     evt_handlers=self.handlers(), server_class=server_class)
+        self.ae._servers.append(server)  # so server.shutdown() can deregister it
+        self.server = server
+        thread = threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True)
+        thread.start()
+        host, port = server.server_address[:2]
+        log.info("DICOM listener %s on %s:%s", dimse["ae_title"], host, port)
+        return str(host), int(port)
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Stop accepting associations, let the open ones finish (up to ``drain_seconds``),
+        then abort what is left. An abort before a C-STORE-RSP means the sender re-sends."""
+        server = self.server
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            log.warning("aborting association from %s still open after %.0f s",
+                        assoc.requestor.ae_title, drain_seconds)
+            assoc.abort()
+        self.server = None
+
+    # -- handlers --------------------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        request = event.request
+        try:
+            result = self.ingest.store_file(
+                event.dataset_path,
+                move=True,
+                expected_sop_class=str(event.context.abstract_syntax),
+                expected_sop_uid=str(request.AffectedSOPInstanceUID),
+                source=calling,
+            )
+        except StoreError as exc:
+            log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
+                        exc.status, request.AffectedSOPInstanceUID, exc)
+            return exc.status
+        except Exception:
+            log.exception("C-STORE from %s: unexpected error storing SOP Instance %s", calling,
+                          request.AffectedSOPInstanceUID)
+            return 0xA700  # Out of resources: the sender keeps the instance and retries
+        log.debug("C-STORE from %s %s study %s sop %s", calling, result.outcome,
+                  result.study_uid, result.sop_uid)
+        return 0x0000
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        log.info("association accepted from %s (%s:%s)", event.assoc.requestor.ae_title,
+                 event.assoc.requestor.address, event.assoc.requestor.port)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning("association rejected: calling %s called %s from %s",
+                    event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title,
+                    event.assoc.requestor.address)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        log.warning("association with %s aborted", event.assoc.requestor.ae_title)

@@ -1,0 +1,348 @@
+"""The index: patient/study/series/instance rows and the publish outbox, on SQLAlchemy Core.
+
+Columns are named by DICOM keyword. The patient is keyed by (PatientID, IssuerOfPatientID)
+(PS3.3 C.7.1.1; an absent issuer is the empty string, so two sites' "12345" never merge when
+they carry issuers). Study and series counts (NumberOfStudyRelatedSeries/Instances,
+NumberOfSeriesRelatedInstances) and ModalitiesInStudy/SOPClassesInStudy are kept current in
+the same transaction as the instance row, so C-FIND and QIDO-RS read them directly.
+
+Runs on SQLite (default; WAL, synchronous=FULL so a commit is durable before it returns,
+``BEGIN IMMEDIATE`` so concurrent writers queue instead of deadlocking) and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from gateway.errors import OutOfResources
+from gateway.records import (
+    INSTANCE_KEYWORDS,
+    PATIENT_KEYWORDS,
+    SERIES_KEYWORDS,
+    STUDY_KEYWORDS,
+    InstanceRecord,
+)
+
+metadata = MetaData()
+
+
+def _text_columns(keywords: tuple[str, ...], integers: set[str]) -> list[Column[Any]]:
+    return [Column(k, Integer if k in integers else String) for k in keywords]
+
+
+patient = Table(
+    "patient", metadata,
+    Column("id", Integer, primary_key=True),
+    *_text_columns(PATIENT_KEYWORDS, set()),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("PatientID", "IssuerOfPatientID", name="uq_patient_identity"),
+)
+study = Table(
+    "study", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("StudyInstanceUID", String(64), nullable=False, unique=True),
+    Column("patient_id", Integer, ForeignKey("patient.id"), nullable=False, index=True),
+    *_text_columns(STUDY_KEYWORDS, set()),
+    Column("IssuerOfAccessionNumber", String),
+    Column("ModalitiesInStudy", String),
+    Column("SOPClassesInStudy", String),
+    Column("NumberOfStudyRelatedSeries", Integer, nullable=False, default=0),
+    Column("NumberOfStudyRelatedInstances", Integer, nullable=False, default=0),
+    Column("attributes", JSON, nullable=False, default=dict),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_study_date", "StudyDate"),
+    Index("ix_study_accession", "AccessionNumber"),
+)
+series = Table(
+    "series", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("SeriesInstanceUID", String(64), nullable=False, unique=True),
+    Column("study_id", Integer, ForeignKey("study.id"), nullable=False, index=True),
+    *_text_columns(SERIES_KEYWORDS, {"SeriesNumber"}),
+    Column("NumberOfSeriesRelatedInstances", Integer, nullable=False, default=0),
+    Column("attributes", JSON, nullable=False, default=dict),
+    Column("updated_at", Float, nullable=False),
+)
+instance = Table(
+    "instance", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("SOPInstanceUID", String(64), nullable=False, unique=True),
+    Column("series_id", Integer, ForeignKey("series.id"), nullable=False, index=True),
+    Column("SOPClassUID", String(64), nullable=False),
+    *_text_columns(tuple(k for k in INSTANCE_KEYWORDS if k != "SOPClassUID"),
+                   {"InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}),
+    Column("DocumentTitle", String),
+    Column("TransferSyntaxUID", String(64), nullable=False),
+    Column("blob_key", String, nullable=False),
+    Column("blob_size", Integer, nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("source", String, nullable=True),
+    Column("received_at", Float, nullable=False),
+)
+#: One row per study waiting to be (re)published to FHIR; written in the store transaction.
+outbox = Table(
+    "outbox", metadata,
+    Column("StudyInstanceUID", String(64), primary_key=True),
+    Column("due_at", Float, nullable=False, index=True),
+    Column("reason", String, nullable=False),
+    Column("state", String, nullable=False, default="pending"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", String),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the index says about a stored instance (enough to serve or compare it)."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    blob_size: int
+    digest: str
+
+
+class IndexUnavailable(OutOfResources):
+    """The database cannot be written (locked for too long, disk full, server down)."""
+
+
+class Index:
+    """The index database. Thread-safe; share one per process."""
+
+    def __init__(self, url: str, *, quiet_seconds: float = 0.0) -> None:
+        self.url = url
+        self.quiet_seconds = quiet_seconds
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine: Engine = _make_engine(url)
+        self._insert = sqlite.insert if self.is_sqlite else postgresql.insert
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+            return True
+        except SQLAlchemyError:
+            return False
+
+    # -- transactions ----------------------------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction; raises :class:`IndexUnavailable` if the database refuses."""
+        try:
+            with self.engine.connect() as conn:
+                if self.is_sqlite:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
+                    conn.begin()
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.commit()
+        except OperationalError as exc:
+            raise IndexUnavailable(f"index unavailable: {exc.orig}") from exc
+
+    # -- reads -----------------------------------------------------------------------------------
+    def find_instance(self, sop_uid: str, conn: Connection | None = None) -> StoredInstance | None:
+        query = (
+            select(instance.c.SOPInstanceUID, study.c.StudyInstanceUID,
+                   series.c.SeriesInstanceUID, instance.c.SOPClassUID,
+                   instance.c.TransferSyntaxUID, instance.c.blob_key, instance.c.blob_size,
+                   instance.c.digest)
+            .select_from(instance.join(series).join(study))
+            .where(instance.c.SOPInstanceUID == sop_uid)
+        )
+        if conn is not None:
+            row = conn.execute(query).first()
+        else:
+            with self.engine.connect() as own:
+                row = own.execute(query).first()
+        return StoredInstance(*row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+                    for name, table in (("patients", patient), ("studies", study),
+                                        ("series", series), ("instances", instance))}
+
+    def study_row(self, study_uid: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(study).where(study.c.StudyInstanceUID == study_uid)).first()
+        return dict(row._mapping) if row else None
+
+    def series_row(self, series_uid: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(series).where(series.c.SeriesInstanceUID == series_uid)).first()
+        return dict(row._mapping) if row else None
+
+    def outbox_rows(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(outbox))]
+
+    # -- the write -------------------------------------------------------------------------------
+    def upsert_instance(self, conn: Connection, record: InstanceRecord, *, blob_key: str,
+                        blob_size: int, digest: str, source: str | None) -> None:
+        """Insert or update the rows of one instance and everything above it, in ``conn``'s
+        transaction, then refresh the counts and queue the study for publishing."""
+        now = time.time()
+        patient_id = self._upsert(conn, patient, ("PatientID", "IssuerOfPatientID"),
+                                  {**record.patient, "updated_at": now})
+        old_series_id = conn.execute(
+            select(instance.c.series_id).where(instance.c.SOPInstanceUID == record.sop_uid)
+        ).scalar()
+        study_values = {**record.study, "StudyInstanceUID": record.study_uid,
+                        "patient_id": patient_id, "updated_at": now}
+        study_id = self._upsert(conn, study, ("StudyInstanceUID",), study_values,
+                                insert_only={"created_at": now, "attributes": record.study_json,
+                                             "NumberOfStudyRelatedSeries": 0,
+                                             "NumberOfStudyRelatedInstances": 0})
+        if record.study_json:
+            self._merge_json(conn, study, study_id, record.study_json)
+        series_id = self._upsert(conn, series, ("SeriesInstanceUID",),
+                                 {**record.series, "SeriesInstanceUID": record.series_uid,
+                                  "study_id": study_id, "updated_at": now},
+                                 insert_only={"attributes": record.series_json,
+                                              "NumberOfSeriesRelatedInstances": 0})
+        if record.series_json:
+            self._merge_json(conn, series, series_id, record.series_json)
+        self._upsert(conn, instance, ("SOPInstanceUID",),
+                     {**record.instance, "SOPInstanceUID": record.sop_uid,
+                      "SOPClassUID": record.sop_class_uid, "series_id": series_id,
+                      "TransferSyntaxUID": record.transfer_syntax_uid, "blob_key": blob_key,
+                      "blob_size": blob_size, "digest": digest, "source": source,
+                      "received_at": now}, keep_nulls=True)
+        self._refresh_counts(conn, series_id, study_id)
+        if old_series_id is not None and old_series_id != series_id:
+            # A replaced object moved between series/studies: the old ones' counts change too.
+            old_study_id = conn.execute(select(series.c.study_id)
+                                        .where(series.c.id == old_series_id)).scalar_one()
+            self._refresh_counts(conn, old_series_id, old_study_id)
+        self.queue_publish(conn, record.study_uid, "instances-added", now)
+
+    def queue_publish(self, conn: Connection, study_uid: str, reason: str,
+                      now: float | None = None) -> None:
+        """(Re)schedule a study for publishing once it has been quiet for ``quiet_seconds``."""
+        now = time.time() if now is None else now
+        values = {"StudyInstanceUID": study_uid, "due_at": now + self.quiet_seconds,
+                  "reason": reason, "state": "pending", "attempts": 0, "last_error": None,
+                  "updated_at": now}
+        stmt = self._insert(outbox).values(**values)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=["StudyInstanceUID"],
+            set_={k: stmt.excluded[k] for k in ("due_at", "reason", "state", "attempts",
+                                                "last_error", "updated_at")}))
+
+    def _upsert(self, conn: Connection, table: Table, keys: tuple[str, ...],
+                values: dict[str, Any], *, insert_only: dict[str, Any] | None = None,
+                keep_nulls: bool = False) -> int:
+        """Insert a row or update the existing one; returns its id.
+
+        By default an absent (None) value never erases a known one: instances of one study
+        may carry more or fewer optional attributes, and the index keeps the union.
+        """
+        stmt = self._insert(table).values(**values, **(insert_only or {}))
+        updates = {
+            name: (stmt.excluded[name] if keep_nulls
+                   else func.coalesce(stmt.excluded[name], table.c[name]))
+            for name in values if name not in keys
+        }
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
+        result = conn.execute(stmt.returning(table.c.id))
+        return int(result.scalar_one())
+
+    def _merge_json(self, conn: Connection, table: Table, row_id: int,
+                    attributes: dict[str, Any]) -> None:
+        current = conn.execute(select(table.c.attributes).where(table.c.id == row_id)).scalar()
+        merged = {**(current if isinstance(current, dict) else json.loads(current or "{}")),
+                  **attributes}
+        if merged != current:
+            conn.execute(update(table).where(table.c.id == row_id).values(attributes=merged))
+
+    def _refresh_counts(self, conn: Connection, series_id: int, study_id: int) -> None:
+        count = conn.execute(select(func.count()).select_from(instance)
+                             .where(instance.c.series_id == series_id)).scalar_one()
+        if count == 0:
+            conn.execute(delete(series).where(series.c.id == series_id))
+        else:
+            conn.execute(update(series).where(series.c.id == series_id)
+                         .values(NumberOfSeriesRelatedInstances=count))
+        rows = conn.execute(
+            select(series.c.Modality, series.c.NumberOfSeriesRelatedInstances)
+            .where(series.c.study_id == study_id)).all()
+        classes = conn.execute(
+            select(instance.c.SOPClassUID).distinct()
+            .select_from(instance.join(series))
+            .where(series.c.study_id == study_id)).scalars().all()
+        conn.execute(update(study).where(study.c.id == study_id).values(
+            NumberOfStudyRelatedSeries=len(rows),
+            NumberOfStudyRelatedInstances=sum(r[1] for r in rows),
+            ModalitiesInStudy="\\".join(sorted({r[0] for r in rows if r[0]})) or None,
+            SOPClassesInStudy="\\".join(sorted(classes)) or None,
+        ))
+
+    def clear(self) -> None:
+        """Delete every row (``reindex`` rebuilds from the blobs). The outbox is kept."""
+        with self.write() as conn:
+            for table in (instance, series, study, patient):
+                conn.execute(delete(table))
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                               pool_size=16, max_overflow=32)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # Autocommit at the driver level: this module issues BEGIN IMMEDIATE itself.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=16, max_overflow=32)

@@ -1,0 +1,186 @@
+"""The single write path: C-STORE, STOW-RS and bulk import all call :meth:`Ingest.store_file`.
+
+Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once stored):
+
+1. parse the header, pixel data skipped (:func:`gateway.records.read_instance`), and check
+   the file is complete;
+2. validate: UIDs present and valid, SOP Class/Instance as declared by the sender, Study UID as
+   the STOW-RS URL demands;
+3. compare with what is stored under the same SOP Instance UID (identical → success, nothing
+   changes; different → the configured duplicate policy);
+4. write the blob atomically (temp file, fsync, rename, fsync directory);
+5. in ONE index transaction upsert patient/study/series/instance rows, refresh the counts and
+   queue the study in the publish outbox;
+6. only then report success. Any failure before 6 raises a :class:`~gateway.errors.StoreError`
+   carrying the DIMSE status; a blob left without an index row is never served and is picked
+   up by ``reindex``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydicom.dataset import Dataset
+
+from gateway.errors import DuplicateInstance, InvalidInstance, SOPClassMismatch, StudyMismatch
+from gateway.index import Index
+from gateway.records import InstanceRecord, read_instance
+from gateway.storage import FileStorage, instance_key
+
+log = logging.getLogger("gateway.ingest")
+
+Outcome = Literal["stored", "unchanged", "replaced"]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """A stored (or already present) instance."""
+
+    outcome: Outcome
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+
+
+def dataset_offset(path: Path, ds: Dataset) -> int:
+    """Byte offset where the data set starts (after preamble, 'DICM' and the file meta group)."""
+    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    if group_length:
+        return 132 + 12 + int(group_length)
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # fallback, rare
+
+    with open(path, "rb") as handle:
+        read_preamble(handle, False)
+        _read_file_meta_info(handle)
+        return handle.tell()
+
+
+def dataset_digest(path: Path, offset: int) -> str:
+    """SHA-256 of the data set bytes as received (the file meta group is not part of it, so
+    the same object sent by different senders or through different protocols compares equal)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Ingest:
+    """Stores instances into a :class:`FileStorage` and an :class:`Index`."""
+
+    def __init__(self, storage: FileStorage, index: Index, *,
+                 duplicate_policy: str = "reject") -> None:
+        self.storage = storage
+        self.index = index
+        self.duplicate_policy = duplicate_policy
+
+    def staging_file(self) -> Path:
+        """A new empty file in the staging area (same file system as the blobs)."""
+        fd, name = tempfile.mkstemp(dir=self.storage.staging_dir(), suffix=".dcm")
+        os.close(fd)
+        return Path(name)
+
+    def store_bytes(self, data: bytes, **kwargs: object) -> StoreResult:
+        """Store a Part 10 file given as bytes (STOW-RS parts)."""
+        path = self.staging_file()
+        try:
+            path.write_bytes(data)
+            return self.store_file(path, move=True, **kwargs)  # type: ignore[arg-type]
+        finally:
+            path.unlink(missing_ok=True)
+
+    def store_file(
+        self,
+        path: Path,
+        *,
+        move: bool,
+        expected_sop_class: str | None = None,
+        expected_sop_uid: str | None = None,
+        expected_study_uid: str | None = None,
+        source: str | None = None,
+    ) -> StoreResult:
+        """Validate and durably store the Part 10 file at ``path``.
+
+        Parameters
+        ----------
+        path
+            A complete Part 10 file (preamble, file meta, data set as received).
+        move
+            The file may be moved into the store (received into the staging area); otherwise
+            it is copied and left alone (bulk import).
+        expected_sop_class, expected_sop_uid
+            The SOP Class/Instance the sender declared (C-STORE Affected SOP Class/Instance,
+            the negotiated abstract syntax); a mismatch is 0xA900 / 0xC000.
+        expected_study_uid
+            STOW-RS ``/studies/{uid}``: instances of other studies fail (0xC409).
+        source
+            Who sent it (calling AE title, ``STOW-RS``, ``import``), for the index and logs.
+
+        Raises
+        ------
+        gateway.errors.StoreError
+            Not stored; ``status`` tells why (and whether a retry can help).
+        """
+        record, ds = read_instance(path)
+        self._validate(record, expected_sop_class, expected_sop_uid, expected_study_uid)
+        digest = dataset_digest(path, dataset_offset(path, ds))
+        existing = self.index.find_instance(record.sop_uid)
+        outcome: Outcome = "stored"
+        if existing is not None:
+            if existing.digest == digest and self.storage.exists(existing.blob_key):
+                return self._result("unchanged", record)
+            if self.duplicate_policy == "reject" and existing.digest != digest:
+                raise DuplicateInstance(
+                    f"SOP Instance {record.sop_uid} is already stored with different content "
+                    "(duplicate_policy = reject)")
+            outcome = "replaced"
+        key = instance_key(record.study_uid, record.series_uid, record.sop_uid)
+        self.storage.put_file(key, path, move=move)
+        size = self.storage.path_for(key).stat().st_size
+        with self.index.write() as conn:
+            self.index.upsert_instance(conn, record, blob_key=key, blob_size=size, digest=digest,
+                                       source=source)
+        if existing is not None and existing.blob_key != key:
+            self.storage.delete(existing.blob_key)
+        return self._result(outcome, record)
+
+    def index_blob(self, key: str) -> StoreResult:
+        """(Re)create the index rows of an already stored blob (``reindex``)."""
+        path = self.storage.path_for(key)
+        record, ds = read_instance(path)
+        expected = instance_key(record.study_uid, record.series_uid, record.sop_uid)
+        if expected != key:
+            raise InvalidInstance(f"blob {key} holds an instance whose UIDs say {expected}")
+        digest = dataset_digest(path, dataset_offset(path, ds))
+        with self.index.write() as conn:
+            self.index.upsert_instance(conn, record, blob_key=key, blob_size=path.stat().st_size,
+                                       digest=digest, source="reindex")
+        return self._result("stored", record)
+
+    @staticmethod
+    def _validate(record: InstanceRecord, sop_class: str | None, sop_uid: str | None,
+                  study_uid: str | None) -> None:
+        if sop_class is not None and record.sop_class_uid != sop_class:
+            raise SOPClassMismatch(
+                f"data set SOP Class {record.sop_class_uid} does not match the declared "
+                f"{sop_class}")
+        if sop_uid is not None and record.sop_uid != sop_uid:
+            raise InvalidInstance(
+                f"data set SOP Instance UID {record.sop_uid} differs from the declared {sop_uid}")
+        if study_uid is not None and record.study_uid != study_uid:
+            raise StudyMismatch(
+                f"instance belongs to study {record.study_uid}, not {study_uid} named in the URL")
+
+    @staticmethod
+    def _result(outcome: Outcome, record: InstanceRecord) -> StoreResult:
+        return StoreResult(outcome, record.sop_class_uid, record.sop_uid, record.study_uid,
+                           record.series_uid, record.transfer_syntax_uid)

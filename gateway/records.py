@@ -1,0 +1,209 @@
+"""From a received Part 10 file to the record the index keeps.
+
+:func:`read_instance` parses a file's header without loading large values (pixel data is
+skipped over, never decoded), checks that the file is complete, and extracts an
+:class:`InstanceRecord`: the patient, study, series and instance attributes that C-FIND,
+QIDO-RS and the FHIR mapping need (PS3.4 C.6.1/C.6.2 required and common optional keys;
+PS3.18 Tables 10.6.3-3..5).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from gateway.errors import InvalidInstance
+from gateway.storage import is_valid_uid
+
+#: Deflated Explicit VR Little Endian: offsets in the parsed data refer to the inflated stream.
+_DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
+
+PATIENT_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                    "PatientSex")
+STUDY_KEYWORDS = ("StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+                  "ReferringPhysicianName", "TimezoneOffsetFromUTC", "PatientAge", "PatientSize",
+                  "PatientWeight")
+#: Study-level attributes kept as DICOM JSON (sequences the FHIR mapping and QIDO return).
+STUDY_JSON_KEYWORDS = ("IssuerOfAccessionNumberSequence", "IssuerOfPatientIDQualifiersSequence",
+                       "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+                       "NameOfPhysiciansReadingStudy", "OtherPatientIDsSequence",
+                       "ReferringPhysicianIdentificationSequence")
+SERIES_KEYWORDS = ("Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+                   "Laterality", "SeriesDate", "SeriesTime", "PerformedProcedureStepStartDate",
+                   "PerformedProcedureStepStartTime", "InstitutionName", "StationName",
+                   "PerformingPhysicianName", "OperatorsName", "Manufacturer", "ProtocolName")
+SERIES_JSON_KEYWORDS = ("RequestAttributesSequence", "PerformingPhysicianIdentificationSequence",
+                        "OperatorIdentificationSequence", "AnatomicRegionSequence")
+INSTANCE_KEYWORDS = ("SOPClassUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
+                     "NumberOfFrames", "ContentDate", "ContentTime", "ContentLabel",
+                     "AcquisitionDateTime")
+INTEGER_KEYWORDS = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
+                    "NumberOfFrames"}
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps about one instance, grouped by query level.
+
+    String values are as decoded by pydicom (Specific Character Set applied); multi-valued
+    attributes are joined with ``\\`` as on the wire; absent or empty attributes are ``None``.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)
+    study_json: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+    series_json: dict[str, Any] = field(default_factory=dict)
+    instance: dict[str, Any] = field(default_factory=dict)
+
+
+def _text(ds: Dataset, keyword: str) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if keyword in INTEGER_KEYWORDS:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value) or None
+    return str(value).strip() or None
+
+
+def _json(ds: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for keyword in keywords:
+        if keyword in ds:
+            element = ds[keyword]
+            if element.value not in (None, "", []):
+                found[keyword] = element.to_json_dict(bulk_data_element_handler=None,
+                                                      bulk_data_threshold=65536)
+    return found
+
+
+def _document_title(ds: Dataset) -> str | None:
+    """Instance title (FHIR instance.title): Content Label, else SR/KOS Concept Name meaning."""
+    label = _text(ds, "ContentLabel")
+    if label:
+        return str(label)
+    names = ds.get("ConceptNameCodeSequence")
+    if names:
+        meaning = names[0].get("CodeMeaning")
+        return str(meaning) if meaning else None
+    return _text(ds, "DocumentTitle")
+
+
+def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+    """Reject a file with an element running past its end (a truncated upload or copy).
+
+    Large values are skipped over, not read, so a short file parses without error; the end
+    offset of every top-level element is compared with the file size instead.
+    """
+    if transfer_syntax in _DEFLATED or len(ds) == 0:
+        return
+    end = 0
+    last_defined = True
+    for tag in ds.keys():
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
+            end = max(end, element.value_tell + element.length)
+            last_defined = True
+        else:
+            last_defined = False
+    size = os.path.getsize(path)
+    if end > size:
+        raise InvalidInstance(f"data set is truncated: {end - size} bytes missing")
+    if last_defined and end < size:
+        with open(path, "rb") as handle:
+            handle.seek(end)
+            if handle.read(size - end).strip(b"\x00"):
+                raise InvalidInstance(
+                    f"data set is truncated or has {size - end} bytes of trailing garbage")
+
+
+def read_instance(path: Path) -> tuple[InstanceRecord, Dataset]:
+    """Parse the Part 10 file at ``path`` without loading pixel data and build its record.
+
+    Raises
+    ------
+    InvalidInstance
+        The file is not DICOM, is truncated, lacks a file meta Transfer Syntax, or a required
+        UID (Study, Series, SOP Instance, SOP Class) is missing or invalid.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, defer_size=4096, force=False)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+                NotImplementedError, AttributeError) as exc:
+            raise InvalidInstance(f"cannot parse data set: {exc}") from exc
+        except Exception as exc:  # pydicom raises a wide range on garbage; all mean the same
+            raise InvalidInstance(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
+        for warning in caught:
+            text = str(warning.message)
+            if "EOF" in text or "end of file" in text.lower() or "truncat" in text.lower():
+                raise InvalidInstance(f"data set is truncated: {text}")
+        meta = ds.file_meta
+        transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+        if not is_valid_uid(transfer_syntax):
+            raise InvalidInstance("file meta information has no valid Transfer Syntax UID")
+        try:
+            _check_complete(ds, path, transfer_syntax)
+            record = _record(ds, transfer_syntax)
+        except InvalidInstance:
+            raise
+        except Exception as exc:
+            raise InvalidInstance(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
+    return record, ds
+
+
+def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
+    uids = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = ds.get(keyword)
+        value = str(value).strip() if value is not None else ""
+        if not is_valid_uid(value):
+            shown = value[:80] if value else "missing"
+            raise InvalidInstance(f"{keyword} is missing or not a valid UID ({shown!r})")
+        uids[keyword] = value
+    patient = {k: _text(ds, k) for k in PATIENT_KEYWORDS}
+    patient["PatientID"] = patient["PatientID"] or ""
+    patient["IssuerOfPatientID"] = patient["IssuerOfPatientID"] or ""
+    study = {k: _text(ds, k) for k in STUDY_KEYWORDS}
+    issuer_seq = ds.get("IssuerOfAccessionNumberSequence")
+    issuer = None
+    if issuer_seq:
+        item = issuer_seq[0]
+        issuer = item.get("UniversalEntityID") or item.get("LocalNamespaceEntityID") or None
+    study["IssuerOfAccessionNumber"] = str(issuer) if issuer else None
+    series = {k: _text(ds, k) for k in SERIES_KEYWORDS}
+    instance = {k: _text(ds, k) for k in INSTANCE_KEYWORDS}
+    instance["DocumentTitle"] = _document_title(ds)
+    instance.pop("SOPClassUID")
+    return InstanceRecord(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=transfer_syntax,
+        patient=patient,
+        study=study,
+        study_json=_json(ds, STUDY_JSON_KEYWORDS),
+        series=series,
+        series_json=_json(ds, SERIES_JSON_KEYWORDS),
+        instance=instance,
+    )

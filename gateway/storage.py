@@ -1,0 +1,215 @@
+"""Blob storage for Part 10 files.
+
+A blob's key is ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` and is only ever
+built by :func:`instance_key` from UIDs that passed :func:`is_valid_uid` (PS3.5 §9.1: digits and
+dots, no leading zeros, at most 64 characters). So no received string can name a path outside the
+storage root; :meth:`FileStorage.path_for` checks again anyway.
+
+Writes are atomic and durable: the bytes go to a temporary file on the same file system, are
+fsync'd, renamed into place, and the directory is fsync'd. A reader sees the old object, the new
+object, or nothing; never a partial file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from gateway.errors import InvalidInstance, OutOfResources
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                    errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a UID per PS3.5 §9.1 (components without leading zeros, ≤ 64 chars)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The storage key of one instance; raises :class:`InvalidInstance` for an invalid UID."""
+    for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                      ("SOPInstanceUID", sop_uid)):
+        if not is_valid_uid(uid):
+            raise InvalidInstance(f"{name} is missing or not a valid UID: {str(uid)[:80]!r}")
+    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def _resource_error(exc: OSError, action: str) -> OutOfResources:
+    return OutOfResources(f"storage unavailable while {action}: {exc.strerror or exc}")
+
+
+class Storage(Protocol):
+    """Where stored instances live. Implementations must make ``put_*`` atomic and durable."""
+
+    def staging_dir(self) -> Path:
+        """A local directory on the same file system as the blobs, for files being received."""
+        ...
+
+    def put_file(self, key: str, source: Path, *, move: bool) -> None:
+        """Store the file at ``source`` under ``key``; ``move`` lets the store take the file."""
+        ...
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def keys(self) -> Iterator[str]: ...
+
+
+class FileStorage:
+    """Blobs as files under ``root`` (the default backend)."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        self._staging = self.root / ".staging"
+        self._durable_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        try:
+            self._staging.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _resource_error(exc, f"creating {self._staging}") from exc
+
+    # -- paths -----------------------------------------------------------------------------------
+    def path_for(self, key: str) -> Path:
+        """The file of ``key``; raises ``ValueError`` for a key that is not an instance key."""
+        if not _KEY_RE.match(key):
+            raise ValueError(f"not a storage key: {key[:200]!r}")
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path.parent.parent.parent != self.root:
+            raise ValueError(f"storage key escapes the root: {key[:200]!r}")
+        return path
+
+    def staging_dir(self) -> Path:
+        return self._staging
+
+    # -- writes ----------------------------------------------------------------------------------
+    def put_file(self, key: str, source: Path, *, move: bool) -> None:
+        target = self.path_for(key)
+        try:
+            if move:
+                if self.fsync:
+                    _fsync_path(source)
+                self._place(source, target)
+            else:
+                with open(source, "rb") as handle:
+                    self._write_stream(target, iter(lambda: handle.read(1 << 20), b""))
+        except OSError as exc:
+            raise _resource_error(exc, f"storing {key}") from exc
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self.path_for(key)
+        try:
+            self._write_stream(target, (data,))
+        except OSError as exc:
+            raise _resource_error(exc, f"storing {key}") from exc
+
+    def _write_stream(self, target: Path, chunks: Iterable[bytes]) -> None:
+        fd, tmp_name = tempfile.mkstemp(dir=self._staging, suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+            self._place(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _place(self, tmp: Path, target: Path) -> None:
+        """Rename a complete, synced file into place and make the rename durable."""
+        directory = target.parent
+        if directory not in self._durable_dirs:
+            self._make_dirs(directory)
+        os.replace(tmp, target)
+        if self.fsync:
+            _fsync_dir(directory)
+
+    def _make_dirs(self, directory: Path) -> None:
+        created: list[Path] = []
+        probe = directory
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            for made in created:
+                _fsync_dir(made.parent)
+        with self._lock:
+            self._durable_dirs.add(directory)
+            if len(self._durable_dirs) > 100_000:
+                self._durable_dirs.clear()
+
+    # -- reads and deletes ------------------------------------------------------------------------
+    def open(self, key: str) -> BinaryIO:
+        return open(self.path_for(key), "rb")
+
+    def exists(self, key: str) -> bool:
+        return self.path_for(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self.path_for(key)
+        path.unlink(missing_ok=True)
+        for directory in (path.parent, path.parent.parent):
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+            with self._lock:
+                self._durable_dirs.discard(directory)
+
+    def keys(self) -> Iterator[str]:
+        """Every stored key, in a stable order (used by ``reindex``)."""
+        for study in sorted(p for p in self.root.iterdir() if p.is_dir() and p != self._staging):
+            for series in sorted(p for p in study.iterdir() if p.is_dir()):
+                for blob in sorted(series.glob("*.dcm")):
+                    key = f"{study.name}/{series.name}/{blob.name}"
+                    if _KEY_RE.match(key):
+                        yield key
+
+    def clear_staging(self) -> int:
+        """Remove leftovers of interrupted receptions (never acknowledged); returns the count."""
+        count = 0
+        for leftover in self._staging.iterdir():
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

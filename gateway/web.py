@@ -1,0 +1,73 @@
+"""The HTTP application: DICOMweb under ``/dicomweb``, the gateway's API under ``/api``,
+``/healthz`` (the process answers) and ``/readyz`` (index reachable, storage writable)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from gateway import dicomweb
+from gateway.bootstrap import Services
+
+
+class InFlight:
+    """WSGI middleware counting requests in progress, so shutdown can wait for them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.count = 0
+        self._lock = threading.Lock()
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        with self._lock:
+            self.count += 1
+            self.idle.clear()
+        try:
+            yield from self.app(environ, start_response)
+        finally:
+            with self._lock:
+                self.count -= 1
+                if self.count == 0:
+                    self.idle.set()
+
+
+def create_app(services: Services) -> Flask:
+    """Build the Flask application around already-constructed services."""
+    app = Flask("gateway")
+    app.extensions["gateway"] = services
+    app.config["MAX_CONTENT_LENGTH"] = None  # STOW-RS enforces http.max_request_bytes itself
+    app.register_blueprint(dicomweb.bp, url_prefix="/dicomweb")
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        checks = {
+            "index": services.index.ping(),
+            "storage": os.access(services.storage.staging_dir(), os.W_OK),
+        }
+        ready = all(checks.values())
+        return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), (
+            200 if ready else 503)
+
+    @app.get("/api/status")
+    def status() -> Response:
+        return jsonify({"ae_title": services.settings.dimse["ae_title"],
+                        "dicomweb": services.settings.dicomweb_url,
+                        "counts": services.index.counts()})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = jsonify({"status": exc.code, "error": exc.description})
+        response.status_code = exc.code or 500
+        return response
+
+    return app
