@@ -30,5 +30,6 @@ def build_services(settings: Settings, *, create_schema: bool = True) -> Service
     index = Index(settings.index_url)
     if create_schema:
         index.create_schema()
-    ingest = Ingest(storage, index, duplicate_policy=settings.storage["duplicate_policy"])
+    ingest = Ingest(storage, index, duplicate_policy=settings.storage["duplicate_policy"],
+                    min_free_bytes=settings.storage["min_free_bytes"])
     return Services(settings=settings, storage=storage, index=index, ingest=ingest)

@@ -170,6 +170,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "(atomically replace the blob and its index row). An identical re-send is always a "
             "success that changes nothing.",
         ),
+        "min_free_bytes": Key(
+            _non_negative, 100 * 1024**2,
+            "Free space to keep on the storage file system: below it, stores are refused with "
+            "0xA700 (STOW-RS 503) so senders keep their copies and retry, instead of the disk "
+            "filling up mid-transfer.",
+        ),
         "fsync": Key(
             _boolean, True,
             "fsync every blob and its directory before acknowledging. Turn off only for "

@@ -31,8 +31,17 @@ from gateway.ingest import Ingest
 
 log = logging.getLogger("gateway.dimse")
 
-#: Every transfer syntax pydicom knows: stored byte-exact, so none needs a codec here.
-TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
+_EXPLICIT_LE, _DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE = (
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
+
+#: Every transfer syntax pydicom knows (stored byte-exact, so none needs a codec here), in the
+#: order the gateway prefers when a presentation context offers several (pynetdicom picks the
+#: acceptor's first match): Explicit VR Little Endian; then the compressed syntaxes, so a sender
+#: holding compressed pixels can send them as they are; Deflate, Big Endian and Implicit VR last.
+TRANSFER_SYNTAXES = [_EXPLICIT_LE] + [
+    str(uid) for uid in AllTransferSyntaxes
+    if str(uid) not in (_EXPLICIT_LE, _DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE)
+] + [_DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE]
 
 
 def configure_pynetdicom() -> None:
@@ -132,7 +141,9 @@ class DimseNode:
             return
         server.shutdown()
         deadline = time.monotonic() + drain_seconds
-        while server.active_associations and time.monotonic() < deadline:
+        # Connections that never completed association negotiation have nothing in flight.
+        while (any(a.is_established for a in server.active_associations)
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         for assoc in server.active_associations:
             log.warning("aborting association from %s still open after %.0f s",

@@ -28,7 +28,13 @@ from typing import Literal
 
 from pydicom.dataset import Dataset
 
-from gateway.errors import DuplicateInstance, InvalidInstance, SOPClassMismatch, StudyMismatch
+from gateway.errors import (
+    DuplicateInstance,
+    InvalidInstance,
+    OutOfResources,
+    SOPClassMismatch,
+    StudyMismatch,
+)
 from gateway.index import Index
 from gateway.records import InstanceRecord, read_instance
 from gateway.storage import FileStorage, instance_key
@@ -78,10 +84,11 @@ class Ingest:
     """Stores instances into a :class:`FileStorage` and an :class:`Index`."""
 
     def __init__(self, storage: FileStorage, index: Index, *,
-                 duplicate_policy: str = "reject") -> None:
+                 duplicate_policy: str = "reject", min_free_bytes: int = 0) -> None:
         self.storage = storage
         self.index = index
         self.duplicate_policy = duplicate_policy
+        self.min_free_bytes = min_free_bytes
 
     def staging_file(self) -> Path:
         """A new empty file in the staging area (same file system as the blobs)."""
@@ -144,6 +151,7 @@ class Ingest:
                     "(duplicate_policy = reject)")
             outcome = "replaced"
         key = instance_key(record.study_uid, record.series_uid, record.sop_uid)
+        self._check_space()
         self.storage.put_file(key, path, move=move)
         size = self.storage.path_for(key).stat().st_size
         with self.index.write() as conn:
@@ -165,6 +173,19 @@ class Ingest:
             self.index.upsert_instance(conn, record, blob_key=key, blob_size=path.stat().st_size,
                                        digest=digest, source="reindex")
         return self._result("stored", record)
+
+    def _check_space(self) -> None:
+        if not self.min_free_bytes:
+            return
+        try:
+            free = self.storage.free_bytes()
+        except OSError as exc:
+            raise OutOfResources(f"storage unavailable: {exc.strerror or exc}") from exc
+        if free < self.min_free_bytes:
+            raise OutOfResources(
+                f"storage has {free // 2**20} MiB free, below storage.min_free_bytes "
+                f"({self.min_free_bytes // 2**20} MiB); refusing new instances until space is "
+                "freed")
 
     @staticmethod
     def _validate(record: InstanceRecord, sop_class: str | None, sop_uid: str | None,

@@ -20,7 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from gateway.errors import InvalidInstance
+from gateway.errors import InvalidInstance, OutOfResources
 from gateway.storage import is_valid_uid
 
 #: Deflated Explicit VR Little Endian: offsets in the parsed data refer to the inflated stream.
@@ -118,7 +118,7 @@ def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
     end = 0
     last_defined = True
     for tag in ds.keys():
-        element = ds.get_item(tag)
+        element = ds.get_item(tag, keep_deferred=True)
         if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
             end = max(end, element.value_tell + element.length)
             last_defined = True
@@ -148,7 +148,9 @@ def read_instance(path: Path) -> tuple[InstanceRecord, Dataset]:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(path, defer_size=4096, force=False)
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+        except OSError as exc:
+            raise OutOfResources(f"cannot read received data: {exc.strerror or exc}") from exc
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError,
                 NotImplementedError, AttributeError) as exc:
             raise InvalidInstance(f"cannot parse data set: {exc}") from exc
         except Exception as exc:  # pydicom raises a wide range on garbage; all mean the same

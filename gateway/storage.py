@@ -12,7 +12,6 @@ object, or nothing; never a partial file.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -26,9 +25,6 @@ from gateway.errors import InvalidInstance, OutOfResources
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
-_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
-                    errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-
 
 def is_valid_uid(value: object) -> bool:
     """True when ``value`` is a UID per PS3.5 §9.1 (components without leading zeros, ≤ 64 chars)."""

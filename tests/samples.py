@@ -1,0 +1,79 @@
+"""Sample Part 10 files for the receiver tests, one per transfer syntax.
+
+Most come unchanged from pydicom's test data (``pydicom-data`` ships them offline). pydicom has
+no file for a few syntaxes; those are derived here, each with a real, decodable code stream:
+
+* 1.2.840.10008.1.2.4.57 (JPEG Lossless, process 14): the process-14 selection-value-1 file
+  ``JPEG-LL.dcm`` relabelled; SV1 is a special case of process 14, so the stream is valid.
+* 1.2.840.10008.1.2.4.81 (JPEG-LS near-lossless): pydicom's file lacks Study/Series UIDs;
+  they are added (the pixel stream is untouched).
+* 1.2.840.10008.1.2.4.201/.202/.203 (HTJ2K): a JPEG 2000 lossless code stream relabelled.
+  HTJ2K decoders (ISO/IEC 15444-15) decode Part 1 code streams; the gateway never decodes
+  pixels on receipt anyway: what is checked is that the syntax is negotiated and the bytes
+  are kept exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from conftest import pydicom_file
+
+SAMPLES: dict[str, str] = {
+    "1.2.840.10008.1.2": "MR_small_implicit.dcm",
+    "1.2.840.10008.1.2.1": "CT_small.dcm",
+    "1.2.840.10008.1.2.2": "MR_small_bigendian.dcm",
+    "1.2.840.10008.1.2.1.99": "image_dfl.dcm",
+    "1.2.840.10008.1.2.4.50": "SC_rgb_jpeg_dcmtk.dcm",
+    "1.2.840.10008.1.2.4.51": "JPEG-lossy.dcm",
+    "1.2.840.10008.1.2.4.70": "JPEG-LL.dcm",
+    "1.2.840.10008.1.2.4.80": "MR_small_jpeg_ls_lossless.dcm",
+    "1.2.840.10008.1.2.4.90": "MR_small_jp2klossless.dcm",
+    "1.2.840.10008.1.2.4.91": "JPEG2000.dcm",
+    "1.2.840.10008.1.2.5": "MR_small_RLE.dcm",
+}
+
+_DERIVED: dict[str, tuple[str, bool]] = {
+    # syntax: (source file, add missing study/series UIDs)
+    "1.2.840.10008.1.2.4.57": ("JPEG-LL.dcm", False),
+    "1.2.840.10008.1.2.4.81": ("JPEGLSNearLossless_16.dcm", True),
+    "1.2.840.10008.1.2.4.201": ("MR_small_jp2klossless.dcm", False),
+    "1.2.840.10008.1.2.4.202": ("MR_small_jp2klossless.dcm", False),
+    "1.2.840.10008.1.2.4.203": ("MR_small_jp2klossless.dcm", False),
+}
+
+
+def sample_files(directory: Path) -> dict[str, Path]:
+    """Transfer syntax UID → a Part 10 file in that syntax, written to ``directory`` with a
+    fresh SOP Instance UID (pydicom's MR_small files share one UID across encodings)."""
+    files: dict[str, Path] = {}
+    sources = {s: (name, False) for s, name in SAMPLES.items()} | _DERIVED
+    for syntax, (source, add_uids) in sources.items():
+        ds = pydicom.dcmread(pydicom_file(source))
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if add_uids:
+            ds.StudyInstanceUID = generate_uid()
+            ds.SeriesInstanceUID = generate_uid()
+        path = directory / f"derived-{syntax}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files[syntax] = path
+    return files
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The data set as encoded in a Part 10 file: everything after the file meta group."""
+    from gateway.ingest import dataset_offset
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return path.read_bytes()[dataset_offset(path, ds):]
+
+
+def stored_path(data: Path, sop_uid: str) -> Path | None:
+    """Where the gateway keeps an instance, found by walking its storage (not its index)."""
+    found = list(data.glob(f"*/*/{sop_uid}.dcm"))
+    return found[0] if found else None

@@ -1,0 +1,272 @@
+"""The Storage SCP (PS3.4 Annex B) and Verification, driven by real senders: dcmtk and pynetdicom.
+
+PS3.4 B.2.3: "Success" means the SCP has stored the instance. So every test that gets 0x0000
+back checks the instance is really there (file on disk, row in the index), and every failure
+status checks that nothing partial is left to be served.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+from conftest import GatewayProcess, dcmtk_env, require_dcmtk, pydicom_file
+from samples import dataset_bytes, sample_files, stored_path
+
+
+def _index_has(gateway: GatewayProcess, sop_uid: str) -> bool:
+    import sqlite3
+
+    with sqlite3.connect(gateway.data / "index.sqlite") as db:
+        return db.execute("SELECT 1 FROM instance WHERE SOPInstanceUID = ?",
+                          (sop_uid,)).fetchone() is not None
+
+
+def _send_raw(gateway: GatewayProcess, path: Path, *, calling: str = "TEST_SCU",
+              contexts: list[tuple[str, str]] | None = None) -> int:
+    """C-STORE the bytes of ``path`` exactly as they are in the file (pynetdicom's chunked send
+    reads the data set straight from the file), on a context built from its file meta."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title=calling)
+    for abstract, syntax in contexts or [(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)]:
+        ae.add_requested_context(abstract, syntax)
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+        assert assoc.is_established, "association was not accepted"
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert status, "no C-STORE response"
+    return int(status.Status)
+
+
+def _storescu_profile(path: Path, files: object) -> Path:
+    """A storescu association profile proposing, for each file, its SOP class in exactly its
+    own transfer syntax (storescu's command-line options cover only some syntaxes)."""
+    syntaxes: dict[str, str] = {}
+    contexts: list[str] = []
+    for file in files:  # type: ignore[attr-defined]
+        meta = pydicom.dcmread(file, stop_before_pixels=True).file_meta
+        name = syntaxes.setdefault(str(meta.TransferSyntaxUID), f"TS{len(syntaxes) + 1}")
+        entry = f"{meta.MediaStorageSOPClassUID}\\{name}"
+        if entry not in contexts:
+            contexts.append(entry)
+    lines = ["[[TransferSyntaxes]]"]
+    for uid, name in syntaxes.items():
+        lines += [f"[{name}]", f"TransferSyntax1 = {uid}"]
+    lines += ["[[PresentationContexts]]", "[SampleContexts]"]
+    lines += [f"PresentationContext{i} = {c}" for i, c in enumerate(contexts, start=1)]
+    lines += ["[[Profiles]]", "[Samples]", "PresentationContexts = SampleContexts"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_c_echo_answers_success_to_dcmtk_echoscu(gateway: GatewayProcess) -> None:
+    require_dcmtk()
+    result = subprocess.run(["echoscu", "-aec", gateway.ae_title, "127.0.0.1",
+                             str(gateway.dimse_port)], env=dcmtk_env(), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_transfer_syntax_is_stored_byte_exact_as_received(
+        gateway: GatewayProcess, tmp_path: Path) -> None:
+    """pynetdicom sends each file's data set bytes unchanged; the stored data set must equal
+    them byte for byte, behind a Part 10 header naming the negotiated transfer syntax."""
+    for syntax, path in sample_files(tmp_path).items():
+        status = _send_raw(gateway, path)
+        assert status == 0x0000, f"{syntax}: status 0x{status:04X}\n{gateway.log[-2000:]}"
+        sop_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        stored = stored_path(gateway.data, sop_uid)
+        assert stored is not None, f"{syntax}: acknowledged but not stored"
+        assert dataset_bytes(stored) == dataset_bytes(path), f"{syntax}: bytes differ"
+        meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+        assert meta.TransferSyntaxUID == syntax
+        assert meta.MediaStorageSOPInstanceUID == sop_uid
+        assert _index_has(gateway, sop_uid)
+
+
+def test_dcmtk_storescu_sends_every_transfer_syntax(gateway: GatewayProcess,
+                                                     tmp_path: Path) -> None:
+    """dcmtk re-encodes what it reads before sending, so here the check is that each instance
+    arrives in its own transfer syntax (-R: propose only the file's syntax) with the same
+    content."""
+    require_dcmtk()
+    # dcmtk 3.6.7 (Debian 12) predates HTJ2K and reads such files as Explicit VR LE; HTJ2K
+    # reception is covered by the pynetdicom byte-exact test above.
+    files = {s: p for s, p in sample_files(tmp_path).items()
+             if not s.startswith("1.2.840.10008.1.2.4.20")}
+    config = _storescu_profile(tmp_path / "storescu.cfg", files.values())
+    result = subprocess.run(
+        ["storescu", "-xf", str(config), "Samples", "-aec", gateway.ae_title, "127.0.0.1",
+         str(gateway.dimse_port), *map(str, files.values())], env=dcmtk_env(),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr + gateway.log[-2000:]
+    for syntax, path in files.items():
+        original = pydicom.dcmread(path)
+        stored = stored_path(gateway.data, original.SOPInstanceUID)
+        assert stored is not None, f"{syntax}: not stored"
+        copy = pydicom.dcmread(stored)
+        assert copy.file_meta.TransferSyntaxUID == syntax
+        assert copy.PixelData == original.PixelData, f"{syntax}: pixel data changed"
+        assert copy.StudyInstanceUID == original.StudyInstanceUID
+
+
+def test_resending_an_identical_instance_succeeds_and_changes_nothing(
+        gateway: GatewayProcess) -> None:
+    path = pydicom_file("CT_small.dcm")
+    assert _send_raw(gateway, path) == 0x0000
+    stored = stored_path(gateway.data, pydicom.dcmread(path).SOPInstanceUID)
+    assert stored is not None
+    before = (stored.stat().st_ino, stored.stat().st_mtime_ns)
+    assert _send_raw(gateway, path) == 0x0000
+    assert (stored.stat().st_ino, stored.stat().st_mtime_ns) == before
+
+
+def test_different_object_with_a_stored_uid_is_rejected_by_default(
+        gateway: GatewayProcess, tmp_path: Path) -> None:
+    original = pydicom_file("CT_small.dcm")
+    assert _send_raw(gateway, original) == 0x0000
+    changed = pydicom.dcmread(original)
+    changed.StudyDescription = "changed after the fact"
+    other = tmp_path / "changed.dcm"
+    changed.save_as(other)
+    assert _send_raw(gateway, other) == 0x0111  # Duplicate SOP Instance (PS3.7 C.4)
+    stored = stored_path(gateway.data, changed.SOPInstanceUID)
+    assert stored is not None
+    assert dataset_bytes(stored) == dataset_bytes(original)
+    assert "0x0111" in gateway.log and changed.SOPInstanceUID in gateway.log
+
+
+def test_replace_policy_replaces_the_stored_object(make_gateway: object,
+                                                   tmp_path: Path) -> None:
+    gw = make_gateway(extra={"storage": {"duplicate_policy": "replace"}}).start()  # type: ignore[operator]
+    original = pydicom_file("CT_small.dcm")
+    assert _send_raw(gw, original) == 0x0000
+    changed = pydicom.dcmread(original)
+    changed.StudyDescription = "corrected"
+    other = tmp_path / "changed.dcm"
+    changed.save_as(other)
+    assert _send_raw(gw, other) == 0x0000
+    stored = stored_path(gw.data, changed.SOPInstanceUID)
+    assert stored is not None and pydicom.dcmread(stored).StudyDescription == "corrected"
+
+
+def test_data_set_of_another_sop_class_than_the_context_is_refused_a900(
+        gateway: GatewayProcess, tmp_path: Path) -> None:
+    """An MR data set sent on a CT Image Storage context: 0xA900 (PS3.4 B.2.3)."""
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage  # what the sender declares
+    path = tmp_path / "mismatch.dcm"
+    ds.save_as(path)
+    status = _send_raw(gateway, path, contexts=[(CTImageStorage, ds.file_meta.TransferSyntaxUID)])
+    assert status == 0xA900
+    assert stored_path(gateway.data, ds.SOPInstanceUID) is None
+    assert not _index_has(gateway, ds.SOPInstanceUID)
+    assert "0xA900" in gateway.log and "TEST_SCU" in gateway.log
+    assert str(ds.PatientName) not in gateway.log and str(ds.PatientID) not in gateway.log
+
+
+@pytest.mark.parametrize("keyword, value", [
+    ("StudyInstanceUID", "1.2.3.abc"),
+    ("SeriesInstanceUID", "../../../etc/passwd"),
+    ("StudyInstanceUID", "1.02.3"),
+    ("SeriesInstanceUID", "1." + "2" * 70),
+    ("StudyInstanceUID", None),
+])
+def test_missing_or_invalid_uids_are_refused_c000(gateway: GatewayProcess, tmp_path: Path,
+                                                 keyword: str, value: str | None) -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        ds[keyword].value = value
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path)
+    status = _send_raw(gateway, path)
+    assert 0xC000 <= status <= 0xCFFF, f"0x{status:04X}"
+    assert stored_path(gateway.data, ds.SOPInstanceUID) is None
+    assert not _index_has(gateway, ds.SOPInstanceUID)
+    assert not any(p.name == "passwd" for p in gateway.root.rglob("passwd"))
+
+
+def test_truncated_data_set_is_refused_and_leaves_nothing(gateway: GatewayProcess,
+                                                          tmp_path: Path) -> None:
+    source = pydicom_file("CT_small.dcm")
+    data = source.read_bytes()
+    path = tmp_path / "truncated.dcm"
+    path.write_bytes(data[: len(data) - 5000])  # cut inside the pixel data
+    status = _send_raw(gateway, path)
+    assert 0xC000 <= status <= 0xCFFF, f"0x{status:04X}"
+    sop_uid = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    assert stored_path(gateway.data, sop_uid) is None
+    assert not _index_has(gateway, sop_uid)
+    assert list((gateway.data / ".staging").iterdir()) == []
+
+
+def test_unknown_calling_ae_is_rejected_when_allowed_callers_is_set(
+        make_gateway: object) -> None:
+    gw = make_gateway(extra={"dimse": {"allowed_callers": ["MODALITY1"]}}).start()  # type: ignore[operator]
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gw.dimse_port, ae_title=gw.ae_title)
+    assert assoc.is_rejected
+    assert (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (1, 3), \
+        "expected rejected-permanent, calling AE title not recognised"
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gw.dimse_port, ae_title=gw.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    assert "INTRUDER" in gw.log
+
+
+def test_wrong_called_ae_title_is_rejected(gateway: GatewayProcess) -> None:
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title="SOMEONE_ELSE")
+    assert assoc.is_rejected
+    assert assoc.acceptor.primitive.diagnostic == 7  # called AE title not recognised
+
+
+def test_dcmtk_storescu_of_a_folder_stores_everything(gateway: GatewayProcess) -> None:
+    require_dcmtk()
+    files = [pydicom_file(n) for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm",
+                                   "waveform_ecg.dcm", "test-SR.dcm")]
+    result = subprocess.run(["storescu", "-aec", gateway.ae_title, "127.0.0.1",
+                             str(gateway.dimse_port), *map(str, files)],
+                            env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for path in files:
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert stored_path(gateway.data, sop) is not None
+        assert _index_has(gateway, sop)
+
+
+def test_sigterm_stops_cleanly(gateway: GatewayProcess) -> None:
+    assert _send_raw(gateway, pydicom_file("CT_small.dcm")) == 0x0000
+    assert gateway.stop() == 0
+    assert "stopped" in gateway.log
+
+
+def test_mr_and_ct_contexts_coexist(gateway: GatewayProcess) -> None:
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        assert assoc.send_c_store(pydicom.dcmread(pydicom_file(name))).Status == 0
+    assoc.release()
