@@ -55,7 +55,14 @@ class GatewayProcess:
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        """The storage directory (``storage.path``)."""
+        return Path(str(self.extra.get("storage", {}).get("path", self.root / "data")))
+
+    @property
+    def index_file(self) -> Path:
+        """The SQLite index file (``index.url``, default inside the storage directory)."""
+        url = str(self.extra.get("index", {}).get("url", ""))
+        return Path(url.removeprefix("sqlite:///")) if url else self.data / "index.sqlite"
 
     @property
     def config(self) -> Path:

@@ -23,7 +23,7 @@ from samples import dataset_bytes, sample_files, stored_path
 def _index_has(gateway: GatewayProcess, sop_uid: str) -> bool:
     import sqlite3
 
-    with sqlite3.connect(gateway.data / "index.sqlite") as db:
+    with sqlite3.connect(gateway.index_file) as db:
         return db.execute("SELECT 1 FROM instance WHERE SOPInstanceUID = ?",
                           (sop_uid,)).fetchone() is not None
 

@@ -1,0 +1,34 @@
+"""The design's dependency rules (docs/design.md): fhir_maps is pure and never imports gateway;
+entry points sit on top, adapters below."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_fhir_maps_never_imports_gateway_or_io_libraries() -> None:
+    forbidden = ("gateway", "requests", "sqlalchemy", "pynetdicom", "flask", "boto3")
+    for path in (ROOT / "fhir_maps").rglob("*.py"):
+        for name in imports_of(path):
+            assert not name.split(".")[0] in forbidden, f"{path.name} imports {name}"
+
+
+def test_adapters_do_not_import_entry_points() -> None:
+    entry_points = {"gateway.dimse", "gateway.dicomweb", "gateway.web", "gateway.cli"}
+    for module in ("storage", "index", "records", "ingest", "config", "errors"):
+        names = imports_of(ROOT / "gateway" / f"{module}.py")
+        assert not names & entry_points, f"gateway.{module} imports {names & entry_points}"
