@@ -84,7 +84,7 @@ def serve(settings: Settings) -> int:
     leftovers = services.storage.clear_staging()
     if leftovers:
         log.info("removed %d unacknowledged partial receptions from staging", leftovers)
-    workers: list[multiprocessing.Process] = []
+    workers: list[Any] = []
     node: DimseNode | None = None
     if settings.dimse["workers"] > 1:
         if settings.dimse["port"] == 0:

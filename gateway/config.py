@@ -145,18 +145,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _positive, 1,
             "Receiver processes sharing the DICOM port (SO_REUSEPORT); 1 = in the main process.",
         ),
-        "network_timeout": Key(_positive, 60, "Seconds of silence before an association is aborted."),
+        "network_timeout": Key(_positive, 60,
+                               "Seconds of silence before an association is aborted."),
     },
     "http": {
         "host": Key(_string, "0.0.0.0", "Address the HTTP server binds to."),
-        "port": Key(_port, 8080, "HTTP port for DICOMweb (`/dicomweb`), the API (`/api`) and health."),
+        "port": Key(_port, 8080,
+                    "HTTP port for DICOMweb (`/dicomweb`), the API (`/api`) and health."),
         "public_url": Key(
             _url, None,
             "Externally visible base URL (e.g. `https://pacs.example.org`); used in Retrieve URLs "
             "and FHIR Endpoints. Default `http://<host>:<port>`.",
         ),
         "max_request_bytes": Key(
-            _positive, 2 * 1024**3, "Largest accepted request body (STOW-RS) in bytes; larger → 413.",
+            _positive, 2 * 1024**3,
+            "Largest accepted request body (STOW-RS) in bytes; larger → 413.",
         ),
         "threads": Key(_positive, 8, "Worker threads serving HTTP requests."),
     },

@@ -156,7 +156,8 @@ def stow(study_uid: str | None = None) -> Response:
     ingest = _ingest()
     collector = _PartCollector(ingest.storage.staging_dir())
     try:
-        parser = MultipartParser(boundary.encode("latin-1"), collector.callbacks())
+        parser = MultipartParser(boundary.encode("latin-1"),
+                                 collector.callbacks())  # type: ignore[arg-type]
         received = 0
         stream = request.stream
         while chunk := stream.read(1 << 20):
@@ -245,4 +246,4 @@ def _failed_item(sop_class: str | None, sop_uid: str | None, reason: int) -> Dat
 
 
 def _to_json(ds: Dataset) -> str:
-    return ds.to_json()  # type: ignore[no-any-return]
+    return str(ds.to_json())

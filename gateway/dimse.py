@@ -12,6 +12,7 @@ is rejected (A-ASSOCIATE-RJ, permanent, "called/calling AE title not recognised"
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -105,10 +106,8 @@ class ReceiveSink:
     def _fail(self, exc: OSError) -> None:
         self.error = self.error or exc
         handle, self._handle = self._handle, None
-        try:
+        with contextlib.suppress(OSError):
             handle.close()
-        except OSError:
-            pass
         Path(self.name).unlink(missing_ok=True)
 
     def __del__(self) -> None:
@@ -128,7 +127,8 @@ class ReceiveSink:
 def configure_pynetdicom() -> None:
     """Process-wide settings for a receiver: stream data sets to disk, keep logs free of PHI."""
     _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = ReceiveSink  # see ReceiveSink for why
+    # see ReceiveSink for why; pynetdicom 3.0.x looks the name up in this module at each message
+    setattr(dimse_messages, "NamedTemporaryFile", ReceiveSink)  # noqa: B010
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
@@ -168,7 +168,7 @@ class DimseNode:
     def __init__(self, settings: Settings, ingest: Ingest) -> None:
         self.settings = settings
         self.ingest = ingest
-        self.server: GatewayAssociationServer | None = None
+        self.server: ThreadedAssociationServer | None = None
         configure_pynetdicom()
         # Received data sets land in the storage's staging area, so moving them into place is
         # a rename, not a copy.
@@ -188,10 +188,10 @@ class DimseNode:
             ae.require_calling_aet = list(dimse["allowed_callers"])
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         return ae
 
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -239,7 +239,7 @@ class DimseNode:
 
     def _on_store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
-        request = event.request
+        request: Any = event.request  # a C_STORE primitive
         try:
             sink = ReceiveSink.for_path(event.dataset_path)
             if sink is not None:

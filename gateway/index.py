@@ -25,7 +25,6 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
-    Index,
     Integer,
     MetaData,
     String,
@@ -37,6 +36,9 @@ from sqlalchemy import (
     func,
     select,
     update,
+)
+from sqlalchemy import (
+    Index as SqlIndex,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -79,8 +81,8 @@ study = Table(
     Column("attributes", JSON, nullable=False, default=dict),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
-    Index("ix_study_date", "StudyDate"),
-    Index("ix_study_accession", "AccessionNumber"),
+    SqlIndex("ix_study_date", "StudyDate"),
+    SqlIndex("ix_study_accession", "AccessionNumber"),
 )
 series = Table(
     "series", metadata,

@@ -104,7 +104,8 @@ def _document_title(ds: Dataset) -> str | None:
     if names:
         meaning = names[0].get("CodeMeaning")
         return str(meaning) if meaning else None
-    return _text(ds, "DocumentTitle")
+    title = _text(ds, "DocumentTitle")
+    return str(title) if title else None
 
 
 def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
@@ -117,7 +118,7 @@ def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
         return
     end = 0
     last_defined = True
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
         element = ds.get_item(tag, keep_deferred=True)
         if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
             end = max(end, element.value_tell + element.length)

@@ -27,7 +27,7 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
 
 def is_valid_uid(value: object) -> bool:
-    """True when ``value`` is a UID per PS3.5 §9.1 (components without leading zeros, ≤ 64 chars)."""
+    """True when ``value`` is a UID per PS3.5 §9.1 (no leading zeros in components, ≤ 64 chars)."""
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
 
 

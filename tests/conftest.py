@@ -7,6 +7,7 @@ dicomweb-client, requests).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -103,11 +104,11 @@ class GatewayProcess:
 
     def start(self, timeout: float = 30) -> GatewayProcess:
         self.write_config()
-        log = open(self.root / "gateway.log", "ab")
-        self.process = subprocess.Popen(
-            [str(BIN / "imaging-gateway"), "serve", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-        )
+        with open(self.root / "gateway.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "imaging-gateway"), "serve", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -140,10 +141,8 @@ class GatewayProcess:
         self.process.wait()
         for line in subprocess.run(["pgrep", "-f", str(self.config)], capture_output=True,
                                    text=True).stdout.split():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(line), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run another ``imaging-gateway`` command against the same configuration."""

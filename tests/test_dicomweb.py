@@ -10,6 +10,9 @@ was not stored. HTTP status: 200 all stored; 202 some stored; 409 none stored; 4
 As for C-STORE (PS3.4 B.2.3), "stored" is checked on disk and in the index every time, and every
 failure checks that nothing partial is left behind: no blob, no index row, no staging file.
 Errors at the request level (400/413/415) carry JSON with a human-readable ``error``.
+
+To keep the run short most tests share one gateway (``stow_gateway``) and send fresh copies of
+pydicom's test files (new SOP Instance UIDs), so no test sees another's instances.
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ def _index_has(gateway: GatewayProcess, sop_uid: str) -> bool:
                           (sop_uid,)).fetchone() is not None
 
 
-def _blobs(gateway: GatewayProcess) -> list[Path]:
-    return list(gateway.data.glob("*/*/*.dcm"))
+def _blobs(gateway: GatewayProcess) -> set[Path]:
+    return set(gateway.data.glob("*/*/*.dcm"))
 
 
 def _staging(gateway: GatewayProcess) -> list[Path]:
@@ -112,13 +115,20 @@ def _uids(path: Path) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """One gateway for the request-level rejections below: none of them may store anything,
-    so they can share it (each checks the store is still empty afterwards)."""
-    root = tmp_path_factory.mktemp("stow-rejections")
+def stow_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway (default settings) shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("stow")
     gateway = GatewayProcess(root, free_port(), free_port()).start()
     yield gateway
     gateway.stop()
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> object:
+    """``fresh("CT_small.dcm")`` → a Part 10 copy with a new SOP Instance UID."""
+    count = iter(range(1000))
+    return lambda source, **changes: _copy(source, tmp_path, f"{next(count)}-{source}",
+                                           **changes)
 
 
 # -- success -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from conftest import GatewayProcess, dcmtk_env, require_dcmtk, pydicom_file
+from conftest import GatewayProcess, dcmtk_env, pydicom_file, require_dcmtk
 from samples import dataset_bytes, sample_files, stored_path
 
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install everything the tests need (first run only) and run the whole check: lint, types,
+# tests. CI (.ci/run) runs exactly this. Extra arguments go to pytest.
+source "$(dirname "$0")/_env.sh"
+apt_install dcmtk
+ensure_venv "[test]"
+cd "$ROOT"
+echo "== ruff" >&2
+"$VENV/bin/ruff" check gateway fhir_maps tests bench
+echo "== mypy" >&2
+"$VENV/bin/mypy" gateway fhir_maps
+echo "== pytest" >&2
+exec "$VENV/bin/pytest" -p no:cacheprovider "$@"
