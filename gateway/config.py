@@ -161,7 +161,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _positive, 2 * 1024**3,
             "Largest accepted request body (STOW-RS) in bytes; larger → 413.",
         ),
-        "threads": Key(_positive, 8, "Worker threads serving HTTP requests."),
     },
     "storage": {
         "path": Key(_string, "./data", "Directory holding the stored instances (and, by default, "
