@@ -29,6 +29,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messag
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from gateway import reactor
 from gateway.config import Settings
 from gateway.errors import OutOfResources, StoreError
 from gateway.ingest import Ingest
@@ -127,6 +128,7 @@ class ReceiveSink:
 def configure_pynetdicom() -> None:
     """Process-wide settings for a receiver: stream data sets to disk, keep logs free of PHI."""
     _config.STORE_RECV_CHUNKED_DATASET = True
+    reactor.install()  # event-driven waits instead of 1 ms polling (see gateway.reactor)
     # see ReceiveSink for why; pynetdicom 3.0.x looks the name up in this module at each message
     setattr(dimse_messages, "NamedTemporaryFile", ReceiveSink)  # noqa: B010
     _config.LOG_REQUEST_IDENTIFIERS = False

@@ -18,7 +18,6 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -56,28 +55,34 @@ class StoreResult:
     transfer_syntax_uid: str
 
 
-def dataset_offset(path: Path, ds: Dataset) -> int:
+def dataset_offset(path: Path, ds: Dataset | None = None) -> int:
     """Byte offset where the data set starts (after preamble, 'DICM' and the file meta group)."""
-    group_length = ds.file_meta.get("FileMetaInformationGroupLength")
-    if group_length:
-        return 132 + 12 + int(group_length)
-    from pydicom.filereader import _read_file_meta_info, read_preamble  # fallback, rare
-
     with open(path, "rb") as handle:
+        head = handle.read(144)
+        # (0002,0000) UL File Meta Information Group Length, explicit VR little endian
+        if len(head) == 144 and head[132:138] == b"\x02\x00\x00\x00UL":
+            return 144 + int.from_bytes(head[140:144], "little")
+        from pydicom.filereader import _read_file_meta_info, read_preamble  # rare: no length
+
+        handle.seek(0)
         read_preamble(handle, False)
         _read_file_meta_info(handle)
         return handle.tell()
 
 
-def dataset_digest(path: Path, offset: int) -> str:
-    """SHA-256 of the data set bytes as received (the file meta group is not part of it, so
-    the same object sent by different senders or through different protocols compares equal)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def same_dataset(first: Path, second: Path) -> bool:
+    """True when the two Part 10 files hold byte-identical data sets (their file meta groups
+    may differ: the same object sent by another sender or through another protocol)."""
+    offset_a, offset_b = dataset_offset(first), dataset_offset(second)
+    if first.stat().st_size - offset_a != second.stat().st_size - offset_b:
+        return False
+    with open(first, "rb") as a, open(second, "rb") as b:
+        a.seek(offset_a)
+        b.seek(offset_b)
+        while chunk := a.read(1 << 20):
+            if chunk != b.read(len(chunk)):
+                return False
+    return True
 
 
 class Ingest:
@@ -137,15 +142,17 @@ class Ingest:
         gateway.errors.StoreError
             Not stored; ``status`` tells why (and whether a retry can help).
         """
-        record, ds = read_instance(path)
+        record, _ds = read_instance(path)
         self._validate(record, expected_sop_class, expected_sop_uid, expected_study_uid)
-        digest = dataset_digest(path, dataset_offset(path, ds))
         existing = self.index.find_instance(record.sop_uid)
         outcome: Outcome = "stored"
         if existing is not None:
-            if existing.digest == digest and self.storage.exists(existing.blob_key):
+            stored = self.storage.path_for(existing.blob_key)
+            if not stored.is_file():
+                pass  # the index lost its blob: store this one
+            elif same_dataset(path, stored):
                 return self._result("unchanged", record)
-            if self.duplicate_policy == "reject" and existing.digest != digest:
+            elif self.duplicate_policy == "reject":
                 raise DuplicateInstance(
                     f"SOP Instance {record.sop_uid} is already stored with different content "
                     "(duplicate_policy = reject)")
@@ -155,7 +162,7 @@ class Ingest:
         self.storage.put_file(key, path, move=move)
         size = self.storage.path_for(key).stat().st_size
         with self.index.write() as conn:
-            self.index.upsert_instance(conn, record, blob_key=key, blob_size=size, digest=digest,
+            self.index.upsert_instance(conn, record, blob_key=key, blob_size=size,
                                        source=source)
         if existing is not None and existing.blob_key != key:
             self.storage.delete(existing.blob_key)
@@ -164,14 +171,13 @@ class Ingest:
     def index_blob(self, key: str) -> StoreResult:
         """(Re)create the index rows of an already stored blob (``reindex``)."""
         path = self.storage.path_for(key)
-        record, ds = read_instance(path)
+        record, _ds = read_instance(path)
         expected = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         if expected != key:
             raise InvalidInstance(f"blob {key} holds an instance whose UIDs say {expected}")
-        digest = dataset_digest(path, dataset_offset(path, ds))
         with self.index.write() as conn:
             self.index.upsert_instance(conn, record, blob_key=key, blob_size=path.stat().st_size,
-                                       digest=digest, source="reindex")
+                                       source="reindex")
         return self._result("stored", record)
 
     def _check_space(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -70,8 +71,23 @@ class InstanceRecord:
     instance: dict[str, Any] = field(default_factory=dict)
 
 
+_TAGS: dict[str, int] = {}
+
+
+def _tag(keyword: str) -> int:
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        found = tag_for_keyword(keyword)
+        if found is None:
+            raise KeyError(keyword)
+        tag = _TAGS[keyword] = int(found)
+    return tag
+
+
 def _text(ds: Dataset, keyword: str) -> Any:
-    value = ds.get(keyword)
+    # Look elements up by tag: the keyword route costs a dictionary search per access.
+    element = ds.get(_tag(keyword))
+    value = None if element is None else element.value
     if value is None or value == "":
         return None
     if keyword in INTEGER_KEYWORDS:
@@ -87,11 +103,10 @@ def _text(ds: Dataset, keyword: str) -> Any:
 def _json(ds: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for keyword in keywords:
-        if keyword in ds:
-            element = ds[keyword]
-            if element.value not in (None, "", []):
-                found[keyword] = element.to_json_dict(bulk_data_element_handler=None,
-                                                      bulk_data_threshold=65536)
+        element = ds.get(_tag(keyword))
+        if element is not None and element.value not in (None, "", []):
+            found[keyword] = element.to_json_dict(bulk_data_element_handler=None,
+                                                  bulk_data_threshold=65536)
     return found
 
 

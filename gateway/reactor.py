@@ -1,0 +1,150 @@
+"""Event-driven waits for pynetdicom's two polling reactors (pynetdicom 3.0.x).
+
+pynetdicom runs two threads per association and both poll:
+
+* the DUL reactor (``DULServiceProvider.run_reactor``) sleeps ``_run_loop_delay`` (1 ms) after
+  every turn that found nothing to do, so a PDU arriving, or a response queued for sending,
+  waits up to 1 ms before it is looked at;
+* the association reactor (``Association._run_reactor``) sleeps 1 ms before every check for a
+  decoded DIMSE message.
+
+On a C-STORE stream from one sender these waits sit on the critical path up to three times per
+instance (request seen, handler started, response sent), which is more than dcmtk's storescp
+spends on a whole instance (≈2 ms). :func:`install` replaces exactly those two sleeps (and no
+other) with waits that end as soon as there is work: ``select()`` on the association's socket
+plus a wake-up pipe written when a primitive is queued for sending; and a wait on the DIMSE
+message queue's condition. Each wait still times out after a few milliseconds, so every check
+the reactors make after sleeping (timers, kill flags, release and abort requests) keeps running.
+
+The sleeps are found through the thread that calls them (each reactor is its own
+``threading.Thread``), so nothing else in pynetdicom changes behaviour. The project pins
+pynetdicom 3.0.4; ``tests/test_reactor.py`` fails if the patched internals move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+import time
+import weakref
+from typing import Any
+
+from pynetdicom import association as _association
+from pynetdicom import dul as _dul
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+
+_ASSOCIATION_POLL = 0.001  # the literal in Association._run_reactor
+DUL_MAX_WAIT = 0.02
+ASSOCIATION_MAX_WAIT = 0.01
+_real_sleep = time.sleep
+_installed = False
+
+
+class _Wake:
+    """A pipe the DUL reactor selects on; written whenever a primitive is queued for it."""
+
+    def __init__(self, owner: object) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        weakref.finalize(owner, _close_fds, self.read_fd, self.write_fd)
+
+    def set(self) -> None:
+        # A full pipe is already signalled; a closed one belongs to a finished association.
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"\0")
+
+    def clear(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _wake_of(dul: Any) -> _Wake:
+    wake: _Wake | None = dul.__dict__.get("_gateway_wake")
+    if wake is None:
+        wake = dul.__dict__.setdefault("_gateway_wake", _Wake(dul))
+    return wake
+
+
+def _dul_wait(dul: Any) -> None:
+    """Wait until the socket has data or a primitive is queued (or DUL_MAX_WAIT passes)."""
+    wake = _wake_of(dul)
+    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+        return
+    transport = dul.socket
+    sock = getattr(transport, "socket", None)
+    waiting_on: list[Any] = [wake.read_fd]
+    if sock is not None:
+        pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
+        if pending is not None and pending():
+            return
+        try:
+            if sock.fileno() >= 0:
+                waiting_on.append(sock)
+        except OSError:
+            pass
+    try:
+        select.select(waiting_on, [], [], DUL_MAX_WAIT)
+    except (OSError, ValueError):
+        _real_sleep(dul._run_loop_delay)
+    wake.clear()
+
+
+def _association_wait(assoc: Any) -> None:
+    """Wait until a decoded DIMSE message is queued (or ASSOCIATION_MAX_WAIT passes)."""
+    queue = assoc.dimse.msg_queue
+    with queue.not_empty:
+        if not queue._qsize() and not assoc._kill:
+            queue.not_empty.wait(ASSOCIATION_MAX_WAIT)
+        if queue._qsize():
+            # Pass the wake-up on: a concurrent blocking get() on the same queue must not
+            # miss the notification this wait may have consumed.
+            queue.not_empty.notify()
+
+
+class _TimeShim:
+    """Stands in for the ``time`` module inside pynetdicom's dul and association modules."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        if isinstance(thread, DULServiceProvider) and seconds == thread._run_loop_delay:
+            _dul_wait(thread)
+        elif isinstance(thread, Association) and seconds == _ASSOCIATION_POLL and \
+                getattr(thread, "dimse", None) is not None:
+            _association_wait(thread)
+        else:
+            _real_sleep(seconds)
+
+
+def install() -> None:
+    """Patch pynetdicom's reactors (idempotent, process-wide)."""
+    global _installed
+    if _installed:
+        return
+    shim = _TimeShim()
+    _dul.time = shim  # type: ignore[assignment]
+    _association.time = shim  # type: ignore[assignment]
+    original_send_pdu = DULServiceProvider.send_pdu
+
+    def send_pdu(self: Any, primitive: Any) -> None:
+        original_send_pdu(self, primitive)
+        _wake_of(self).set()
+
+    DULServiceProvider.send_pdu = send_pdu  # type: ignore[method-assign]
+    _installed = True
