@@ -138,8 +138,8 @@ def install() -> None:
     if _installed:
         return
     shim = _TimeShim()
-    _dul.time = shim  # type: ignore[assignment]
-    _association.time = shim  # type: ignore[assignment]
+    setattr(_dul, "time", shim)  # noqa: B010
+    setattr(_association, "time", shim)  # noqa: B010
     original_send_pdu = DULServiceProvider.send_pdu
 
     def send_pdu(self: Any, primitive: Any) -> None:
