@@ -159,6 +159,19 @@ def _is_part10(path: Path) -> bool:
         return False
 
 
+#: Media Storage Directory Storage (PS3.4 Annex I, PS3.10 §8.6): a DICOMDIR, not an instance.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+def _media_storage_sop_class(path: Path) -> str | None:
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", "")) or None
+    except Exception:  # unreadable meta: store_file reports it
+        return None
+
+
 def import_paths(services: Services, paths: Sequence[str], *, jobs: int, progress: bool) -> int:
     """Bulk-import a folder tree (what a site migrating from another archive does first).
 
@@ -172,6 +185,9 @@ def import_paths(services: Services, paths: Sequence[str], *, jobs: int, progres
     def one(path: Path) -> None:
         if not _is_part10(path):
             outcomes["skipped (not a DICOM Part 10 file)"] += 1
+            return
+        if _media_storage_sop_class(path) == MEDIA_STORAGE_DIRECTORY:
+            outcomes["skipped (DICOMDIR)"] += 1
             return
         try:
             result = services.ingest.store_file(path, move=False, source="import")
@@ -235,6 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imaging-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "import":
+        missing = [name for name in args.paths if not os.path.exists(name)]
+        if missing:
+            print(f"imaging-gateway: import: no such file or directory: {missing[0]}",
+                  file=sys.stderr)
+            return 2
     _setup_logging(settings)
     try:
         if args.command == "serve":

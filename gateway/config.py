@@ -145,6 +145,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _positive, 1,
             "Receiver processes sharing the DICOM port (SO_REUSEPORT); 1 = in the main process.",
         ),
+        "fast_storage": Key(
+            _boolean, True,
+            "Serve associations that propose only Storage and Verification with the lean "
+            "receiver (`gateway/receiver.py`); `false` hands every association to pynetdicom.",
+        ),
         "network_timeout": Key(_positive, 60,
                                "Seconds of silence before an association is aborted."),
     },
@@ -257,7 +262,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
         rest = name[len("GATEWAY_"):].lower()
         section = next((s for s in SCHEMA if rest.startswith(s + "_")), None)
         if section is None:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(SCHEMA)})")
+            # Not ours: e.g. Kubernetes service links (GATEWAY_PORT, GATEWAY_SERVICE_HOST) for
+            # a Service named "gateway". A misspelt key inside a known section still fails.
+            continue
         key = rest[len(section) + 1:]
         if key not in SCHEMA[section]:
             raise ConfigError(f"{name}: unknown key {section}.{key}")
@@ -314,7 +321,10 @@ def load_settings(
     sections: dict[str, dict[str, Any]] = {}
     peers_raw = None
     for section, keys in SCHEMA.items():
-        given = dict(data.get(section, {}))
+        raw = data.get(section, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{section}: expected a table [{section}], got {raw!r}")
+        given = dict(raw)
         if section == "dimse":
             peers_raw = given.pop("peers", None)
         for key in given:

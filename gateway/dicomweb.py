@@ -135,6 +135,7 @@ def stow(study_uid: str | None = None) -> Response:
     if study_uid is not None and not is_valid_uid(study_uid):
         return problem(400, f"Study Instance UID in the URL is not a valid UID: {study_uid[:80]!r}")
     mimetype, options = parse_options_header(request.headers.get("Content-Type", ""))
+    mimetype = mimetype.lower()  # RFC 9110 §8.3.1: media types are case-insensitive
     if mimetype != "multipart/related":
         return problem(415, "STOW-RS needs Content-Type multipart/related; "
                             'type="application/dicom" (got ' f"{mimetype or 'none'})")
@@ -145,9 +146,10 @@ def stow(study_uid: str | None = None) -> Response:
     boundary = options.get("boundary")
     if not boundary:
         return problem(400, "multipart/related Content-Type has no boundary parameter")
-    accept = request.headers.get("Accept", "")
-    if accept and not any(t in accept for t in (DICOM_JSON, "application/json", "*/*")):
-        return problem(406, f"STOW-RS responses are {DICOM_JSON}; Accept was {accept!r}")
+    accept = request.accept_mimetypes  # RFC 9110 §12.5.1: media ranges and q-values
+    if accept.provided and accept.best_match([DICOM_JSON, "application/json"]) is None:
+        return problem(406, f"STOW-RS responses are {DICOM_JSON}; Accept was "
+                            f"{request.headers.get('Accept', '')!r}")
     limit = current_app.extensions["gateway"].settings.http["max_request_bytes"]
     if request.content_length is not None and request.content_length > limit:
         return problem(413, f"request of {request.content_length} bytes exceeds the limit of "
@@ -160,12 +162,22 @@ def stow(study_uid: str | None = None) -> Response:
                                  collector.callbacks())  # type: ignore[arg-type]
         received = 0
         stream = request.stream
+        delimiter = b"--" + boundary.encode("latin-1")
+        preamble: bytes | None = b""  # None once the first delimiter was found
         while chunk := stream.read(1 << 20):
             received += len(chunk)
             if received > limit:
                 return problem(413, f"request exceeds the limit of {limit} bytes "
                                     "(http.max_request_bytes)")
+            if preamble is not None:
+                preamble += chunk
+                start = _first_delimiter(preamble, delimiter)
+                if start is None and len(preamble) <= _MAX_PREAMBLE:
+                    continue
+                chunk, preamble = preamble[start or 0:], None
             parser.write(chunk)
+        if preamble:
+            parser.write(preamble)  # no delimiter at all: let the parser say what is wrong
         parser.finalize()
         if not collector.parts:
             return problem(400, "the multipart/related body has no parts")
@@ -183,6 +195,18 @@ def stow(study_uid: str | None = None) -> Response:
         collector.cleanup()
 
 
+_MAX_PREAMBLE = 64 * 1024
+
+
+def _first_delimiter(data: bytes, delimiter: bytes) -> int | None:
+    """Offset of the first boundary delimiter line: RFC 2046 §5.1.1 lets a preamble precede
+    it, to be ignored (python-multipart does not skip one)."""
+    if data.startswith(delimiter):
+        return 0
+    found = data.find(b"\r\n" + delimiter)
+    return None if found < 0 else found + 2
+
+
 def _store_parts(ingest: Ingest, parts: list[_Part], study_uid: str | None) -> Response:
     base = _dicomweb_url()
     referenced: list[Dataset] = []
@@ -191,7 +215,8 @@ def _store_parts(ingest: Ingest, parts: list[_Part], study_uid: str | None) -> R
     studies: set[str] = set()
     for number, part in enumerate(parts, start=1):
         assert part.path is not None
-        media = parse_options_header(part.headers.get("content-type", "application/dicom"))[0]
+        media = parse_options_header(
+            part.headers.get("content-type", "application/dicom"))[0].lower()
         if media != "application/dicom":
             statuses.append(0xC000)
             failed.append(_failed_item(None, None, 0xC000))

@@ -29,7 +29,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messag
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway import reactor
+from gateway import reactor, receiver
 from gateway.config import Settings
 from gateway.errors import OutOfResources, StoreError
 from gateway.ingest import Ingest
@@ -150,6 +150,8 @@ class GatewayAssociationServer(ThreadedAssociationServer):
 
     daemon_threads = True
     reuse_port = False
+    #: Set by DimseNode: serves an accepted socket itself, or returns False to hand it over.
+    route: Any = None
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -162,6 +164,20 @@ class GatewayAssociationServer(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Look at each association request in its own thread: storage-only associations go
+        to the lean receiver (:mod:`gateway.receiver`), everything else to pynetdicom."""
+        thread = threading.Thread(target=self._route, args=(request, client_address),
+                                  name=f"assoc-{client_address[0]}:{client_address[1]}",
+                                  daemon=True)
+        thread.start()
+
+    def _route(self, request: Any, client_address: Any) -> None:
+        if self.route is not None and self.route(request, client_address):
+            return
+        request.settimeout(None)
+        self.process_request_thread(request, client_address)  # pynetdicom's own handling
 
 
 class DimseNode:
@@ -176,6 +192,18 @@ class DimseNode:
         # a rename, not a copy.
         ReceiveSink.directory = ingest.storage.staging_dir()
         self.ae = self._make_ae()
+        dimse = settings.dimse
+        self.fast_storage = dimse["fast_storage"]
+        self.policy = receiver.Policy(
+            ae_title=dimse["ae_title"],
+            supported_contexts=self.ae.supported_contexts,
+            allowed_callers=dimse["allowed_callers"],
+            check_called_ae=dimse["check_called_ae"],
+            max_pdu=dimse["max_pdu"],
+            network_timeout=dimse["network_timeout"],
+            maximum_associations=self.ae.maximum_associations,
+        )
+        self._served_here = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
 
     def _make_ae(self) -> AE:
         dimse = self.settings.dimse
@@ -206,7 +234,8 @@ class DimseNode:
     def start(self, *, reuse_port: bool = False) -> tuple[str, int]:
         """Start listening in background threads; returns the bound (host, port)."""
         dimse = self.settings.dimse
-        server_class = type("Server", (GatewayAssociationServer,), {"reuse_port": reuse_port})
+        server_class = type("Server", (GatewayAssociationServer,),
+                            {"reuse_port": reuse_port, "route": self._route})
         server = self.ae.make_server((dimse["host"], dimse["port"]),
                                      evt_handlers=self.handlers(), server_class=server_class)
         self.ae._servers.append(server)  # so server.shutdown() can deregister it
@@ -217,6 +246,20 @@ class DimseNode:
         log.info("DICOM listener %s on %s:%s", dimse["ae_title"], host, port)
         return str(host), int(port)
 
+    def _route(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Serve ``sock`` with the lean receiver if it asks only for storage/verification."""
+        if not self.fast_storage:
+            return False
+        try:
+            request = receiver.peek_associate_rq(sock, self.policy.acse_timeout)
+        except Exception:  # not a well-formed A-ASSOCIATE-RQ: let pynetdicom answer it
+            return False
+        if request is None or not receiver.storage_only(request, self._served_here):
+            return False
+        receiver.serve_storage_association(sock, address, self.policy,
+                                           self.ingest.storage.staging_dir(), self.store)
+        return True
+
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting associations, let the open ones finish (up to ``drain_seconds``),
         then abort what is left. An abort before a C-STORE-RSP means the sender re-sends."""
@@ -226,9 +269,11 @@ class DimseNode:
         server.shutdown()
         deadline = time.monotonic() + drain_seconds
         # Connections that never completed association negotiation have nothing in flight.
-        while (any(a.is_established for a in server.active_associations)
+        while ((any(a.is_established for a in server.active_associations)
+                or any(a.established for a in receiver.active_storage_associations()))
                and time.monotonic() < deadline):
             time.sleep(0.05)
+        receiver.abort_all()
         for assoc in server.active_associations:
             log.warning("aborting association from %s still open after %.0f s",
                         assoc.requestor.ae_title, drain_seconds)
@@ -239,31 +284,39 @@ class DimseNode:
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
 
+    def store(self, path: Path, sop_class: str, sop_uid: str, calling: str) -> tuple[int, str]:
+        """Store one received data set; returns the C-STORE status and, for failures, an
+        error comment. Shared by the lean receiver and the pynetdicom handler."""
+        try:
+            result = self.ingest.store_file(path, move=True, expected_sop_class=sop_class,
+                                            expected_sop_uid=sop_uid, source=calling)
+        except StoreError as exc:
+            log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
+                        exc.status, sop_uid, exc)
+            return exc.status, str(exc)
+        except Exception:
+            log.exception("C-STORE from %s: unexpected error storing SOP Instance %s", calling,
+                          sop_uid)
+            return 0xA700, "internal error; please retry"  # the sender keeps it and retries
+        log.debug("C-STORE from %s %s study %s sop %s", calling, result.outcome,
+                  result.study_uid, result.sop_uid)
+        return 0x0000, ""
+
     def _on_store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
         request: Any = event.request  # a C_STORE primitive
-        try:
-            sink = ReceiveSink.for_path(event.dataset_path)
-            if sink is not None:
+        sop_uid = str(request.AffectedSOPInstanceUID)
+        sink = ReceiveSink.for_path(event.dataset_path)
+        if sink is not None:
+            try:
                 sink.finish()
-            result = self.ingest.store_file(
-                event.dataset_path,
-                move=True,
-                expected_sop_class=str(event.context.abstract_syntax),
-                expected_sop_uid=str(request.AffectedSOPInstanceUID),
-                source=calling,
-            )
-        except StoreError as exc:
-            log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
-                        exc.status, request.AffectedSOPInstanceUID, exc)
-            return exc.status
-        except Exception:
-            log.exception("C-STORE from %s: unexpected error storing SOP Instance %s", calling,
-                          request.AffectedSOPInstanceUID)
-            return 0xA700  # Out of resources: the sender keeps the instance and retries
-        log.debug("C-STORE from %s %s study %s sop %s", calling, result.outcome,
-                  result.study_uid, result.sop_uid)
-        return 0x0000
+            except StoreError as exc:
+                log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
+                            exc.status, sop_uid, exc)
+                return exc.status
+        status, _comment = self.store(event.dataset_path, str(event.context.abstract_syntax),
+                                      sop_uid, calling)
+        return status
 
     def _on_accepted(self, event: evt.Event) -> None:
         log.info("association accepted from %s (%s:%s)", event.assoc.requestor.ae_title,
