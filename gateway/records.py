@@ -10,10 +10,11 @@ PS3.18 Tables 10.6.3-3..5).
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -46,6 +47,11 @@ SERIES_JSON_KEYWORDS = ("RequestAttributesSequence", "PerformingPhysicianIdentif
 INSTANCE_KEYWORDS = ("SOPClassUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
                      "NumberOfFrames", "ContentDate", "ContentTime", "ContentLabel",
                      "AcquisitionDateTime")
+#: Only these top-level elements are decoded; the others are skipped over (PS3.5 §7.1).
+_WANTED_KEYWORDS = ("SpecificCharacterSet", "StudyInstanceUID", "SeriesInstanceUID",
+                    "SOPInstanceUID", "SOPClassUID", "ConceptNameCodeSequence",
+                    "DocumentTitle", *PATIENT_KEYWORDS, *STUDY_KEYWORDS, *STUDY_JSON_KEYWORDS,
+                    *SERIES_KEYWORDS, *SERIES_JSON_KEYWORDS, *INSTANCE_KEYWORDS)
 INTEGER_KEYWORDS = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
                     "NumberOfFrames"}
 
@@ -72,6 +78,7 @@ class InstanceRecord:
 
 
 _TAGS: dict[str, int] = {}
+_WANTED_TAGS = [int(t) for t in (tag_for_keyword(k) for k in _WANTED_KEYWORDS) if t is not None]
 
 
 def _tag(keyword: str) -> int:
@@ -123,32 +130,65 @@ def _document_title(ds: Dataset) -> str | None:
     return str(title) if title else None
 
 
-def _check_complete(ds: Dataset, path: Path, transfer_syntax: str) -> None:
-    """Reject a file with an element running past its end (a truncated upload or copy).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
 
-    Large values are skipped over, not read, so a short file parses without error; the end
-    offset of every top-level element is compared with the file size instead.
+
+def _skip_fragments(handle: BinaryIO, position: int, size: int, order: str) -> int:
+    """Walk encapsulated Pixel Data items (PS3.5 A.4) up to and past the Sequence Delimiter."""
+    while position + 8 <= size:
+        handle.seek(position)
+        group, element, length = struct.unpack(order + "HHL", handle.read(8))
+        position += 8
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return position
+        if (group, element) != (0xFFFE, 0xE000):
+            raise InvalidInstance(f"malformed encapsulated pixel data at byte {position - 8}")
+        position += length
+    return size + 8  # ran out of data before the delimiter: truncated
+
+
+def _check_complete(ds: Dataset, handle: BinaryIO, size: int) -> None:
+    """Reject a file that ends inside an element or has garbage after its last one.
+
+    Unneeded and large values are skipped with a seek, so a short file parses without error.
+    From the end of the last element the parser kept, walk the remaining element headers
+    (a few: pixel data, padding) and require that they end exactly at the end of the file.
     """
-    if transfer_syntax in _DEFLATED or len(ds) == 0:
-        return
-    end = 0
-    last_defined = True
-    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
+    position = handle.tell()
+    for tag in reversed(list(ds.keys())):
         element = ds.get_item(tag, keep_deferred=True)
-        if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
-            end = max(end, element.value_tell + element.length)
-            last_defined = True
+        if not isinstance(element, RawDataElement) or element.length == 0xFFFFFFFF:
+            return  # an undefined length item: its delimiters were checked while parsing
+        position = element.value_tell + element.length
+        break
+    little = ds.is_little_endian if ds.is_little_endian is not None else True
+    implicit = bool(ds.is_implicit_VR)
+    order = "<" if little else ">"
+    while position + 8 <= size:
+        handle.seek(position)
+        head = handle.read(12)
+        vr = head[4:6]
+        if implicit or not (b"AA" <= vr <= b"ZZ"):  # some writers switch to implicit VR
+            length, header = struct.unpack(order + "L", head[4:8])[0], 8
+        elif vr in _LONG_VRS:
+            length, header = struct.unpack(order + "L", head[8:12])[0], 12
         else:
-            last_defined = False
-    size = os.path.getsize(path)
-    if end > size:
-        raise InvalidInstance(f"data set is truncated: {end - size} bytes missing")
-    if last_defined and end < size:
-        with open(path, "rb") as handle:
-            handle.seek(end)
-            if handle.read(size - end).strip(b"\x00"):
-                raise InvalidInstance(
-                    f"data set is truncated or has {size - end} bytes of trailing garbage")
+            length, header = struct.unpack(order + "H", head[6:8])[0], 8
+        position += header
+        if length != 0xFFFFFFFF:
+            position += length
+        elif head[:4] == (b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10"):
+            position = _skip_fragments(handle, position, size, order)  # encapsulated pixels
+        else:
+            return  # an undefined-length sequence: the parser found its delimiter
+    if position > size:
+        raise InvalidInstance(f"data set is truncated: {position - size} bytes missing")
+    if position < size:
+        handle.seek(position)
+        if handle.read(size - position).strip(b"\x00"):
+            raise InvalidInstance(
+                f"data set is truncated or has {size - position} bytes of trailing garbage")
 
 
 def read_instance(path: Path) -> tuple[InstanceRecord, Dataset]:
@@ -163,11 +203,20 @@ def read_instance(path: Path) -> tuple[InstanceRecord, Dataset]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, defer_size=4096, force=False)
+            with open(path, "rb") as handle:
+                ds = pydicom.dcmread(handle, defer_size=4096, force=False,
+                                     specific_tags=_WANTED_TAGS)
+                transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+                if transfer_syntax not in _DEFLATED:  # offsets there are in the inflated data
+                    _check_complete(ds, handle, os.fstat(handle.fileno()).st_size)
         except OSError as exc:
+            if exc.errno is None:  # pydicom reports some malformed data as OSError
+                raise InvalidInstance(f"cannot parse data set: {exc}") from exc
             raise OutOfResources(f"cannot read received data: {exc.strerror or exc}") from exc
+        except InvalidInstance:
+            raise
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError,
-                NotImplementedError, AttributeError) as exc:
+                NotImplementedError, AttributeError, struct.error) as exc:
             raise InvalidInstance(f"cannot parse data set: {exc}") from exc
         except Exception as exc:  # pydicom raises a wide range on garbage; all mean the same
             raise InvalidInstance(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
@@ -175,12 +224,9 @@ def read_instance(path: Path) -> tuple[InstanceRecord, Dataset]:
             text = str(warning.message)
             if "EOF" in text or "end of file" in text.lower() or "truncat" in text.lower():
                 raise InvalidInstance(f"data set is truncated: {text}")
-        meta = ds.file_meta
-        transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
         if not is_valid_uid(transfer_syntax):
             raise InvalidInstance("file meta information has no valid Transfer Syntax UID")
         try:
-            _check_complete(ds, path, transfer_syntax)
             record = _record(ds, transfer_syntax)
         except InvalidInstance:
             raise
