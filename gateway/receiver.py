@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -348,15 +346,8 @@ class StorageAssociation:
         assert message.fields is not None
         abstract, transfer = self.contexts[message.context_id]
         sink = ReceiveSink()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(_ui(message.fields, 0x00000002) or abstract)
-        meta.MediaStorageSOPInstanceUID = UID(_ui(message.fields, 0x00001000))
-        meta.TransferSyntaxUID = UID(transfer)
-        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        meta.SourceApplicationEntityTitle = self.calling_ae
-        sink.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(sink, meta, enforce_standard=True)  # type: ignore[arg-type]
+        sink.write(part10_header(_ui(message.fields, 0x00000002) or abstract,
+                                 _ui(message.fields, 0x00001000), transfer, self.calling_ae))
         message.sink, message.path = sink, Path(sink.name)
 
     def _data_fragment(self, message: _Message, value: memoryview, *, last: bool) -> None:
@@ -419,6 +410,30 @@ class StorageAssociation:
                 with contextlib.suppress(OSError):
                     message.path.unlink(missing_ok=True)
         self._messages.clear()
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHL", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def part10_header(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group (PS3.10 §7.1), encoded directly
+    (pydicom's writer costs more than receiving the whole image)."""
+    ae = source_ae.encode("ascii", "replace")[:16]
+    version = IMPLEMENTATION_VERSION_NAME.encode("ascii")
+    group = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _ui_bytes(sop_class)),
+        _meta_element(0x0003, b"UI", _ui_bytes(sop_uid)),
+        _meta_element(0x0010, b"UI", _ui_bytes(transfer_syntax)),
+        _meta_element(0x0012, b"UI", _ui_bytes(IMPLEMENTATION_CLASS_UID)),
+        _meta_element(0x0013, b"SH", version + b" " * (len(version) % 2)),
+        _meta_element(0x0016, b"AE", ae + b" " * (len(ae) % 2)),
+    ))
+    return (b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(group)))
+            + group)
 
 
 def _parse_command(data: bytes) -> dict[int, bytes]:

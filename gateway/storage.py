@@ -24,7 +24,9 @@ from typing import BinaryIO, Protocol
 from gateway.errors import InvalidInstance, OutOfResources
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
+_UID = r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*"
+#: study/series/instance.dcm, each component a syntactically valid UID: no "..", no "/".
+_KEY_RE = re.compile(rf"^{_UID}/{_UID}/{_UID}\.dcm$")
 
 def is_valid_uid(value: object) -> bool:
     """True when ``value`` is a UID per PS3.5 §9.1 (no leading zeros in components, ≤ 64 chars)."""
@@ -83,12 +85,11 @@ class FileStorage:
     # -- paths -----------------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
         """The file of ``key``; raises ``ValueError`` for a key that is not an instance key."""
-        if not _KEY_RE.match(key):
+        # The pattern admits only digits and single dots between '/', so the joined path
+        # cannot leave the root (tests/test_storage.py checks this for any string).
+        if not _KEY_RE.match(key) or max(len(part) for part in key.split("/")) > 68:
             raise ValueError(f"not a storage key: {key[:200]!r}")
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root) or path.parent.parent.parent != self.root:
-            raise ValueError(f"storage key escapes the root: {key[:200]!r}")
-        return path
+        return self.root / key
 
     def staging_dir(self) -> Path:
         return self._staging

@@ -270,3 +270,104 @@ def test_mr_and_ct_contexts_coexist(gateway: GatewayProcess) -> None:
     for name in ("CT_small.dcm", "MR_small.dcm"):
         assert assoc.send_c_store(pydicom.dcmread(pydicom_file(name))).Status == 0
     assoc.release()
+
+
+def test_storage_only_associations_use_the_lean_receiver_and_others_pynetdicom(
+        gateway: GatewayProcess) -> None:
+    """Both paths accept the same storage contexts and store through the same write path; an
+    association that also proposes a query model (not offered yet) goes to pynetdicom, which
+    rejects that context and accepts the storage one."""
+    study_root_find = "1.2.840.10008.5.1.4.1.2.2.1"
+    ae = AE(ae_title="MIXED_SCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(study_root_find)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CTImageStorage]
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    assert stored_path(gateway.data, ds.SOPInstanceUID) is not None
+    assert "presentation contexts" not in gateway.log.split("MIXED_SCU")[1].split("\n")[0]
+
+
+def test_failure_status_carries_an_error_comment_the_sender_can_read(
+        gateway: GatewayProcess, tmp_path: Path) -> None:
+    """PS3.7 C.4: failures may carry Error Comment (0000,0902); dcmtk prints it."""
+    require_dcmtk()
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = "1.2.3.abc"
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path)
+    result = subprocess.run(["storescu", "-d", "-aec", gateway.ae_title, "127.0.0.1",
+                             str(gateway.dimse_port), str(path)], env=dcmtk_env(),
+                            capture_output=True, text=True, timeout=30)
+    output = result.stderr + result.stdout
+    assert "Received Store Response" in output
+    assert "(0000,0902) LO [StudyInstanceUID is missing or not a valid UID" in output
+
+
+def test_sender_vanishing_mid_instance_leaves_nothing_behind(
+        gateway: GatewayProcess, tmp_path: Path) -> None:
+    """An association aborted in the middle of a data set: nothing acknowledged, nothing
+    stored, no staging leftovers, and the gateway keeps serving."""
+    import socket
+    import struct
+    import time
+
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "VANISHING", gateway.ae_title
+    primitive.calling_presentation_address = ("127.0.0.1", 0)
+    primitive.called_presentation_address = ("127.0.0.1", gateway.dimse_port)
+    context = build_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    with socket.create_connection(("127.0.0.1", gateway.dimse_port)) as sock:
+        sock.sendall(rq.encode())
+        assert sock.recv(1)[0] == 0x02, "expected A-ASSOCIATE-AC"
+        time.sleep(0.2)
+        sock.recv(65536)
+        # a C-STORE-RQ command, then half a data set, then the connection drops
+        sop = generate_uid()
+        elements = [(0x0002, CTImageStorage), (0x0100, 1), (0x0110, 7), (0x0700, 0),
+                    (0x0800, 0), (0x1000, sop)]
+        command = b""
+        for element, value in elements:
+            raw = (struct.pack("<H", value) if isinstance(value, int)
+                   else value.encode() + b"\0" * (len(value) % 2))
+            command += struct.pack("<HHL", 0, element, len(raw)) + raw
+        command = struct.pack("<HHLL", 0, 0, 4, len(command)) + command
+        pdv = struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
+        sock.sendall(struct.pack(">BxL", 4, len(pdv)) + pdv)
+        data = b"\x08\x00\x16\x00UI" + b"x" * 5000
+        pdv = struct.pack(">LBB", len(data) + 2, 1, 0x00) + data
+        sock.sendall(struct.pack(">BxL", 4, len(pdv)) + pdv)
+        time.sleep(0.2)
+    deadline = time.time() + 10
+    while list((gateway.data / ".staging").iterdir()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert list((gateway.data / ".staging").iterdir()) == []
+    assert stored_path(gateway.data, sop) is None
+    assert _send_raw(gateway, pydicom_file("CT_small.dcm")) == 0x0000
+
+
+def test_pynetdicom_path_stores_too_when_the_lean_receiver_is_off(make_gateway: object,
+                                                                   tmp_path: Path) -> None:
+    gw = make_gateway(extra={"dimse": {"fast_storage": False}}).start()  # type: ignore[operator]
+    for syntax, path in list(sample_files(tmp_path).items())[:4]:
+        assert _send_raw(gw, path) == 0x0000, syntax
+        sop_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        stored = stored_path(gw.data, sop_uid)
+        assert stored is not None and dataset_bytes(stored) == dataset_bytes(path)
