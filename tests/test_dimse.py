@@ -324,8 +324,6 @@ def test_sender_vanishing_mid_instance_leaves_nothing_behind(
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = "VANISHING", gateway.ae_title
-    primitive.calling_presentation_address = ("127.0.0.1", 0)
-    primitive.called_presentation_address = ("127.0.0.1", gateway.dimse_port)
     context = build_context(CTImageStorage, "1.2.840.10008.1.2.1")
     context.context_id = 1
     primitive.presentation_context_definition_list = [context]
