@@ -75,7 +75,7 @@ def _free_port(host: str) -> int:
 
 def serve(settings: Settings) -> int:
     """Run the DICOM listener and the HTTP server until SIGTERM/SIGINT, then drain and exit."""
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
 
     from gateway.dimse import DimseNode
     from gateway.web import InFlight, create_app
@@ -102,7 +102,10 @@ def serve(settings: Settings) -> int:
         host, port = node.start()
         dimse_address = f"{host}:{port}"
     in_flight = InFlight(create_app(services))
-    http = make_server(settings.http["host"], settings.http["port"], in_flight, threaded=True)
+    handler = type("RequestHandler", (WSGIRequestHandler,),
+                   {"timeout": settings.http["read_timeout"]})  # socket timeout per connection
+    http = make_server(settings.http["host"], settings.http["port"], in_flight, threaded=True,
+                       request_handler=handler)
     http_thread = threading.Thread(target=http.serve_forever, name="http", daemon=True)
     http_thread.start()
     log.info("imaging-gateway ready: DICOM %s@%s (%d receiver process(es)), HTTP %s:%s, "

@@ -162,6 +162,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Externally visible base URL (e.g. `https://pacs.example.org`); used in Retrieve URLs "
             "and FHIR Endpoints. Default `http://<host>:<port>`.",
         ),
+        "read_timeout": Key(
+            _positive, 60,
+            "Seconds an HTTP connection may stay silent (e.g. mid-upload) before it is closed "
+            "and any partial upload discarded.",
+        ),
         "max_request_bytes": Key(
             _positive, 2 * 1024**3,
             "Largest accepted request body (STOW-RS) in bytes; larger → 413.",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ class _PartCollector:
     """Callbacks for python-multipart's streaming parser: one staging file per part."""
 
     def __init__(self, staging: Path) -> None:
-        self.staging = staging
+        # One directory per request: whatever happens, removing it removes every part.
+        self.staging = Path(tempfile.mkdtemp(dir=staging, prefix="stow-"))
         self.parts: list[_Part] = []
         self._field = b""
         self._value = b""
@@ -102,8 +104,7 @@ class _PartCollector:
         for part in self.parts:
             if part.handle is not None:
                 part.handle.close()
-            if part.path is not None:
-                part.path.unlink(missing_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _ingest() -> Ingest:

@@ -114,9 +114,11 @@ def _uids(path: Path) -> Dataset:
 
 @pytest.fixture(scope="module")
 def stow_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """One gateway (default settings) shared by the tests of this module."""
+    """One gateway shared by the tests of this module (default settings, but a short HTTP
+    read timeout so that a client that vanished mid-upload is noticed quickly)."""
     root = tmp_path_factory.mktemp("stow")
-    gateway = GatewayProcess(root, free_port(), free_port()).start()
+    gateway = GatewayProcess(root, free_port(), free_port(),
+                             extra={"http": {"read_timeout": 2}}).start()
     yield gateway
     gateway.stop()
 
@@ -497,10 +499,10 @@ def test_client_disconnecting_mid_upload_leaves_no_staging_files(
     with socket.create_connection(("127.0.0.1", gateway.http_port), timeout=10) as sock:
         sock.sendall(head + body[: len(body) // 2])
         time.sleep(0.5)  # let the server start writing the first part to staging
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15  # the disconnect is seen at once, or after read_timeout
     while _staging(gateway) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _staging(gateway) == []
+    assert _staging(gateway) == [], gateway.log[-3000:]
     assert _blobs(gateway) == blobs
     for path in paths:
         _assert_not_stored(gateway, _uids(path).SOPInstanceUID)
