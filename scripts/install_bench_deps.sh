@@ -26,7 +26,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ ! -e "$prc" ]; then
     printf '#!/bin/sh\nexit 101\n' > "$prc" && chmod +x "$prc" && own_prc=1
   fi
-  trap '[ "$own_prc" = 1 ] && rm -f "$prc"' EXIT
+  trap 'if [ "$own_prc" = 1 ]; then rm -f "$prc"; fi' EXIT
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
@@ -38,6 +38,8 @@ fi
 service orthanc stop >/dev/null 2>&1 || true
 update-rc.d orthanc disable >/dev/null 2>&1 || true
 
-echo "dcmtk:    $(storescu --version 2>/dev/null | head -n1 || echo missing)"
-echo "orthanc:  $(Orthanc --version 2>/dev/null | head -n1 || echo missing)"
-echo "dicomweb: $(dpkg -L orthanc-dicomweb 2>/dev/null | grep -m1 '\.so' || echo missing)"
+# First line of a command's output, or "missing" (no pipefail: head closes the pipe early).
+first_line() { local out; out=$("$@" 2>/dev/null) || true; echo "${out%%$'\n'*}" | grep . || echo missing; }
+echo "dcmtk:    $(first_line storescu --version)"
+echo "orthanc:  $(first_line Orthanc --version)"
+echo "dicomweb: $(ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so 2>/dev/null || echo missing)"

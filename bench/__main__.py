@@ -1,0 +1,161 @@
+"""``python -m bench``: run the benchmarks and write docs/benchmarks.md + bench/results/latest.json.
+
+Examples::
+
+    python -m bench --quick                          # all targets, small dataset, < 2 min
+    python -m bench --full --runs 3                  # ≈2600 instances, ≈1.1 GB
+    python -m bench --full --targets storescp,orthanc --assocs 1
+
+Peers come from scripts/install_bench_deps.sh (dcmtk, Orthanc + DICOMweb plugin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from bench import BENCH_ROOT_DEFAULT, ingest
+from bench import targets as targets_mod
+from bench.dataset import FULL_SPEC, QUICK_SPEC, DatasetSpec, ensure_dataset, warm_page_cache
+from bench.report import render_document, write_outputs
+from bench.sysinfo import REPO_ROOT, machine_info, tool_versions
+from bench.targets import TARGETS, Target
+
+MEASURES = ("ingest",)
+"""Measures this harness knows; QIDO, WADO, C-FIND, C-MOVE… will join as their own modules."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="≈250 instances (112 MB), 2 runs: under two minutes (default)")
+    mode.add_argument("--full", action="store_true",
+                      help="2600 instances (≈1.13 GB) as in infra.md, 3 runs")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma-separated, from: {','.join(TARGETS)} (default: all)")
+    p.add_argument("--measures", default=",".join(MEASURES),
+                   help=f"comma-separated, from: {','.join(MEASURES)}")
+    p.add_argument("--runs", type=int, help="runs per target and parallelism (2 quick, 3 full)")
+    p.add_argument("--assocs", default="1,4",
+                   help="parallel associations to measure, comma-separated (default 1,4)")
+    p.add_argument("--studies", type=int, help="override the preset's number of studies")
+    p.add_argument("--series-per-study", type=int, help="override series per study")
+    p.add_argument("--instances-per-series", type=int, help="override instances per series")
+    p.add_argument("--seed", type=int, help="override the dataset seed")
+    p.add_argument("--no-sync", action="store_true",
+                   help="don't sync dirty pages to disk between runs (runs then interfere)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs/benchmarks.md",
+                   help="Markdown report (default docs/benchmarks.md)")
+    p.add_argument("--json", type=Path, default=REPO_ROOT / "bench/results/latest.json",
+                   help="raw results (default bench/results/latest.json)")
+    p.add_argument("--cache", type=Path, default=Path(BENCH_ROOT_DEFAULT),
+                   help=f"datasets and run directories (default {BENCH_ROOT_DEFAULT})")
+    return p.parse_args(argv)
+
+
+def choose_spec(args: argparse.Namespace) -> DatasetSpec:
+    """The preset for --quick/--full with any size overrides applied."""
+    spec = FULL_SPEC if args.full else QUICK_SPEC
+    overrides = {
+        "studies": args.studies,
+        "series_per_study": args.series_per_study,
+        "instances_per_series": args.instances_per_series,
+        "seed": args.seed,
+    }
+    return replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def choose_targets(names: str) -> list[Target]:
+    """Targets by name, in the order given; exits with a message on an unknown name."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in TARGETS]
+    if unknown:
+        sys.exit(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    return [TARGETS[n] for n in chosen]
+
+
+def _progress(res: ingest.IngestRun) -> None:
+    """One stderr line per finished run."""
+    if res.status == "ok":
+        print(f"  run {res.run} {res.target:16s} {res.assocs} assoc: "
+              f"{res.inst_per_s:7.1f} inst/s {res.mb_per_s:6.1f} MB/s "
+              f"cpu {res.server_cpu_s:6.2f} s rss {res.server_peak_rss_mb:6.1f} MB",
+              file=sys.stderr, flush=True)
+    else:
+        first = (res.error or "").strip().splitlines()[:1]
+        print(f"  run {res.run} {res.target:16s} {res.assocs} assoc: FAILED {first}",
+              file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate or reuse the dataset, run the measures, write and print the report."""
+    args = parse_args(argv)
+    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    if any(m not in MEASURES for m in measures):
+        sys.exit(f"unknown measure in {args.measures!r}; known: {', '.join(MEASURES)}")
+    spec = choose_spec(args)
+    runs = args.runs or (3 if args.full else 2)
+    assocs_list = [int(a) for a in args.assocs.split(",") if a.strip()]
+    targets = choose_targets(args.targets)
+    targets_mod.SYNC_BETWEEN_RUNS = not args.no_sync
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5:
+        print(f"warning: 1-minute load average is {load1:.2f} before starting; other work on "
+              "this machine will disturb the figures (see 'other load' in the report)",
+              file=sys.stderr)
+    t_start = time.perf_counter()
+    print(f"dataset: {spec.total_instances} instances ...", file=sys.stderr, flush=True)
+    args.cache = args.cache.resolve()
+    dataset = ensure_dataset(spec, args.cache)
+    warm_page_cache(dataset.files)
+    print(f"dataset ready in {time.perf_counter() - t_start:.1f} s: {dataset.root}",
+          file=sys.stderr, flush=True)
+
+    unavailable = {t.name: r for t in targets if (r := t.unavailable_reason())}
+    for name, reason in unavailable.items():
+        print(f"  {name}: {reason}", file=sys.stderr)
+    runnable = [t for t in targets if t.name not in unavailable]
+
+    raw: dict[str, Any] = {
+        "command": command,
+        "machine": machine_info(),
+        "tools": tool_versions(),
+        "dataset": {"description": dataset.describe(), "root": str(dataset.root),
+                    "spec": asdict(spec), "instances": dataset.instances,
+                    "bytes": dataset.total_bytes},
+        "unavailable": unavailable,
+        "sync_between_runs": not args.no_sync,
+        "loadavg_before": load1,
+    }
+    sections: list[str] = []
+    if "ingest" in measures:
+        results = ingest.run_all(runnable, dataset, assocs_list, runs,
+                                 args.cache / "runs", _progress)
+        summaries = ingest.summarize(results, dataset.instances)
+        raw["ingest"] = {"runs": [r.as_dict() for r in results],
+                         "summary": [s.as_dict() for s in summaries]}
+        sections.append(ingest.render_markdown(summaries, targets, unavailable, runs, dataset))
+
+    raw["wall_seconds"] = time.perf_counter() - t_start
+    raw_path = str(args.json.relative_to(REPO_ROOT) if args.json.is_relative_to(REPO_ROOT)
+                   else args.json)
+    doc = render_document(command, raw["machine"], raw["tools"], dataset.describe(), sections,
+                          raw_path)
+    write_outputs(doc, args.out, raw, args.json)
+    print(doc)
+    print(f"wrote {args.out} and {args.json} in {raw['wall_seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

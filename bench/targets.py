@@ -1,0 +1,421 @@
+"""The servers a benchmark talks to, each started fresh on 127.0.0.1 in its own temp directory.
+
+A :class:`Target` knows how to configure, start, probe and count what one kind of server
+stored; :class:`RunningTarget` owns one started instance (its process tree, log and ports)
+and stops it with SIGTERM, then SIGKILL after a grace period.
+
+Targets: ``gateway`` (imaging-gateway itself), ``storescp`` (dcmtk, writes files: the
+reference), ``storescp-ignore`` (dcmtk ``--ignore``: receives and discards, the protocol
+limit), ``orthanc`` (Debian's Orthanc 1.10 + DICOMweb plugin, SQLite index, fsync per file)
+and ``pynetdicom-min`` (bench/pynetdicom_scp.py: the pure-Python floor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import psutil  # type: ignore[import-untyped]
+
+HOST = "127.0.0.1"
+DCMTK_ENV = {"TCP_NODELAY": "1"}
+"""Debian's dcmtk leaves Nagle on unless TCP_NODELAY=1 is in its environment (infra.md)."""
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GATEWAY_BIN = Path(os.environ.get("IMAGING_GATEWAY_BIN", REPO_ROOT / ".venv/bin/imaging-gateway"))
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+SYNC_BETWEEN_RUNS = True
+"""Flush dirty pages after each run (``--no-sync`` turns it off), so runs don't interfere."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    """The current environment plus TCP_NODELAY=1, for any dcmtk tool."""
+    return {**os.environ, **DCMTK_ENV}
+
+
+def echo_ok(aet: str, port: int, timeout: int = 2) -> bool:
+    """Whether a C-ECHO to ``aet`` at 127.0.0.1:``port`` succeeds (dcmtk echoscu)."""
+    cmd = ["echoscu", "-to", str(timeout), "-ta", str(timeout), "-aec", aet, HOST, str(port)]
+    try:
+        done = subprocess.run(cmd, env=dcmtk_env(), capture_output=True, timeout=timeout + 3)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+def count_part10_files(root: Path) -> int:
+    """Number of DICOM Part-10 files (``DICM`` at offset 128) anywhere under ``root``."""
+    count = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            try:
+                with open(os.path.join(dirpath, name), "rb") as fh:
+                    head = fh.read(132)
+            except OSError:
+                continue
+            if len(head) == 132 and head[128:] == b"DICM":
+                count += 1
+    return count
+
+
+def http_json(url: str, timeout: float = 2.0) -> object:
+    """GET ``url`` and decode its JSON body (raises on any HTTP or network error)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class Endpoint:
+    """Where one started target listens and keeps its files."""
+
+    workdir: Path
+    aet: str
+    dimse_port: int
+    http_port: int | None = None
+
+
+class Target:
+    """One kind of server. Subclasses fill in the command, config and probes."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    aet: ClassVar[str]
+    uses_http: ClassVar[bool] = False
+    ready_timeout: ClassVar[float] = 30.0
+
+    def unavailable_reason(self) -> str | None:
+        """Why this target cannot run on this machine, or None if it can."""
+        return None
+
+    def prepare(self, ep: Endpoint) -> None:
+        """Write whatever config the target needs into ``ep.workdir``."""
+
+    def command(self, ep: Endpoint) -> list[str]:
+        """The argv that starts the target."""
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        """The environment to start the target in."""
+        return dict(os.environ)
+
+    def is_ready(self, ep: Endpoint) -> bool:
+        """Whether the target accepts work (default: a C-ECHO succeeds)."""
+        return echo_ok(ep.aet, ep.dimse_port)
+
+    def stored_count(self, ep: Endpoint) -> int | None:
+        """How many instances the target has stored, or None if it cannot be told."""
+        return None
+
+    def verification(self) -> str:
+        """How a run's completeness is checked, for the report."""
+        return "storescu exit codes only"
+
+
+def _which(tool: str) -> str | None:
+    """Why ``tool`` is missing from PATH, or None if it is there."""
+    return None if shutil.which(tool) else f"{tool} not found (run scripts/install_bench_deps.sh)"
+
+
+class StorescpTarget(Target):
+    """dcmtk storescp in its default single-process mode, writing each instance to a file."""
+
+    name = "storescp"
+    description = "dcmtk storescp, writes files (reference = 1.00)"
+    aet = "STORESCP"
+
+    def unavailable_reason(self) -> str | None:
+        return _which("storescp")
+
+    def command(self, ep: Endpoint) -> list[str]:
+        out = ep.workdir / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        return ["storescp", "-aet", self.aet, "+xa", "-od", str(out), str(ep.dimse_port)]
+
+    def env(self) -> dict[str, str]:
+        return dcmtk_env()
+
+    def stored_count(self, ep: Endpoint) -> int | None:
+        return count_part10_files(ep.workdir / "out")
+
+    def verification(self) -> str:
+        return "exit codes + Part-10 files written"
+
+
+class StorescpIgnoreTarget(StorescpTarget):
+    """dcmtk storescp --ignore: receives every byte, stores nothing (the protocol limit)."""
+
+    name = "storescp-ignore"
+    description = "dcmtk storescp --ignore, stores nothing (protocol limit)"
+
+    def command(self, ep: Endpoint) -> list[str]:
+        return ["storescp", "-aet", self.aet, "+xa", "--ignore", str(ep.dimse_port)]
+
+    def stored_count(self, ep: Endpoint) -> int | None:
+        return None
+
+    def verification(self) -> str:
+        return "storescu exit codes only"
+
+
+class OrthancTarget(Target):
+    """Debian's Orthanc 1.10 with the DICOMweb plugin and default settings (fsync per file)."""
+
+    name = "orthanc"
+    description = "Orthanc 1.10 + DICOMweb plugin (SQLite, files, fsync per file)"
+    aet = "ORTHANC"
+    uses_http = True
+
+    def unavailable_reason(self) -> str | None:
+        if shutil.which("Orthanc") is None:
+            return "Orthanc not found (run scripts/install_bench_deps.sh)"
+        return None
+
+    def prepare(self, ep: Endpoint) -> None:
+        plugins = [str(ORTHANC_DICOMWEB_PLUGIN)] if ORTHANC_DICOMWEB_PLUGIN.exists() else []
+        config = {
+            "Name": "BENCH",
+            "StorageDirectory": str(ep.workdir / "storage"),
+            "IndexDirectory": str(ep.workdir / "index"),
+            "DicomAet": self.aet,
+            "DicomPort": ep.dimse_port,
+            "HttpPort": ep.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": plugins,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (ep.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+
+    def command(self, ep: Endpoint) -> list[str]:
+        return ["Orthanc", str(ep.workdir / "orthanc.json")]
+
+    def env(self) -> dict[str, str]:
+        # Orthanc's DICOM server is Debian's libdcmnet: without TCP_NODELAY=1 every
+        # C-STORE-RSP waits for a delayed ACK (~20 inst/s instead of ~150).
+        return dcmtk_env()
+
+    def is_ready(self, ep: Endpoint) -> bool:
+        try:
+            http_json(f"http://{HOST}:{ep.http_port}/system")
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return echo_ok(ep.aet, ep.dimse_port)
+
+    def stored_count(self, ep: Endpoint) -> int | None:
+        stats = http_json(f"http://{HOST}:{ep.http_port}/statistics", timeout=10)
+        assert isinstance(stats, dict)
+        return int(stats["CountInstances"])
+
+    def verification(self) -> str:
+        return "exit codes + /statistics CountInstances"
+
+
+class PynetdicomTarget(Target):
+    """bench/pynetdicom_scp.py with pynetdicom's defaults: the pure-Python floor."""
+
+    name = "pynetdicom-min"
+    description = "minimal pynetdicom 3.0 SCP writing files (pure-Python floor)"
+    aet = "PYNETDICOM"
+
+    def command(self, ep: Endpoint) -> list[str]:
+        extra = os.environ.get("BENCH_PYNETDICOM_ARGS", "").split()
+        return [
+            sys.executable, "-m", "bench.pynetdicom_scp", "--port", str(ep.dimse_port),
+            "--out", str(ep.workdir / "out"), "--aet", self.aet, *extra,
+        ]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def stored_count(self, ep: Endpoint) -> int | None:
+        return count_part10_files(ep.workdir / "out")
+
+    def verification(self) -> str:
+        return "exit codes + Part-10 files written"
+
+
+class GatewayTarget(Target):
+    """imaging-gateway itself (``imaging-gateway serve --config``), possibly with workers."""
+
+    name = "gateway"
+    description = "imaging-gateway (this project)"
+    aet = "IMAGING_GW"
+    uses_http = True
+    ready_timeout = 60.0
+
+    def unavailable_reason(self) -> str | None:
+        if not (GATEWAY_BIN.is_file() and os.access(GATEWAY_BIN, os.X_OK)):
+            return f"not available ({GATEWAY_BIN} missing)"
+        return None
+
+    def prepare(self, ep: Endpoint) -> None:
+        (ep.workdir / "data").mkdir(parents=True, exist_ok=True)
+        (ep.workdir / "gateway.toml").write_text(
+            "[dimse]\n"
+            f'ae_title = "{self.aet}"\n'
+            f'host = "{HOST}"\n'
+            f"port = {ep.dimse_port}\n"
+            "[http]\n"
+            f'host = "{HOST}"\n'
+            f"port = {ep.http_port}\n"
+            "[storage]\n"
+            f'path = "{ep.workdir / "data"}"\n'
+        )
+
+    def command(self, ep: Endpoint) -> list[str]:
+        return [str(GATEWAY_BIN), "serve", "--config", str(ep.workdir / "gateway.toml")]
+
+    def stored_count(self, ep: Endpoint) -> int | None:
+        return count_part10_files(ep.workdir / "data")
+
+    def verification(self) -> str:
+        return "exit codes + Part-10 files under [storage] path"
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        GatewayTarget(),
+        StorescpTarget(),
+        StorescpIgnoreTarget(),
+        OrthancTarget(),
+        PynetdicomTarget(),
+    )
+}
+"""Every known target by name, in report order."""
+
+
+class TargetStartError(RuntimeError):
+    """The target exited or did not become ready in time (message ends with its log tail)."""
+
+
+class RunningTarget:
+    """One started target: ``with RunningTarget(target, workroot) as rt: ...`` stops it after."""
+
+    STOP_GRACE = 20.0
+
+    def __init__(self, target: Target, workroot: Path) -> None:
+        self.target = target
+        workroot.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=workroot))
+        self.ep = Endpoint(
+            workdir=workdir,
+            aet=target.aet,
+            dimse_port=free_port(),
+            http_port=free_port() if target.uses_http else None,
+        )
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = 0.0
+
+    def __enter__(self) -> RunningTarget:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        """PID of the target's root process."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the target's combined stdout/stderr."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> None:
+        """Configure and launch the target, then wait until it answers or fail."""
+        self.target.prepare(self.ep)
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.target.command(self.ep),
+                cwd=self.ep.workdir,
+                env=self.target.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = t0 + self.target.ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise TargetStartError(
+                    f"{self.target.name} exited with {self.proc.returncode} before it was ready:"
+                    f"\n{self.log_tail()}"
+                )
+            if self.target.is_ready(self.ep):
+                break
+            if time.perf_counter() > deadline:
+                self.stop()
+                raise TargetStartError(
+                    f"{self.target.name} not ready after {self.target.ready_timeout:.0f} s:"
+                    f"\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        self.startup_s = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        """SIGTERM the root, SIGKILL the tree after :attr:`STOP_GRACE` s; idempotent."""
+        if self.proc is None:
+            return
+        try:  # Process objects remember create_time, so a reused pid is never signalled
+            leftovers = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            leftovers = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for proc in leftovers:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        _gone, alive = psutil.wait_procs(leftovers, timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                continue
+        self.proc = None
+
+    def cleanup(self) -> None:
+        """Delete the target's directory and, if :data:`SYNC_BETWEEN_RUNS`, flush dirty pages.
+
+        Without the sync, the kernel writes the previous run's ~1 GB back to disk during the
+        next run and slows whichever target comes next (storescp drops from ~700 to ~450
+        inst/s on the full dataset here).
+        """
+        shutil.rmtree(self.ep.workdir, ignore_errors=True)
+        if SYNC_BETWEEN_RUNS:
+            os.sync()
