@@ -12,7 +12,9 @@ Runs on SQLite (default; WAL, synchronous=FULL so a commit is durable before it 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,6 +151,7 @@ class Index:
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = _make_engine(url)
         self._insert = sqlite.insert if self.is_sqlite else postgresql.insert
+        self._write_lock = threading.Lock()
         self._prepare()
 
     def create_schema(self) -> None:
@@ -169,8 +172,12 @@ class Index:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One write transaction; raises :class:`IndexUnavailable` if the database refuses."""
+        # SQLite admits one writer at a time and makes the others poll with growing sleeps
+        # (its busy handler). Threads of this process queue on a lock instead, so the next
+        # writer starts the moment the previous one commits.
+        lock = self._write_lock if self.is_sqlite else contextlib.nullcontext()
         try:
-            with self.engine.connect() as conn:
+            with lock, self.engine.connect() as conn:
                 if self.is_sqlite:
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
                 else:
