@@ -18,8 +18,8 @@ from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.charset import convert_encodings
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -92,21 +92,68 @@ def _tag(keyword: str) -> int:
     return tag
 
 
-Elements = dict[int, DataElement]
+Elements = dict[int, Any]  # DataElement or _Value
+
+
+#: Character sets whose text decodes with one Python codec (no ISO 2022 code extensions).
+_FAST_CODECS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1",
+                "ISO_IR 192": "utf_8"}
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+             "UI", "UR", "UT"}
+_VRS: dict[int, str] = {}
+_JSON_TAGS = {int(t) for t in (tag_for_keyword(k) for k in
+                               (*STUDY_JSON_KEYWORDS, *SERIES_JSON_KEYWORDS)) if t is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    """A value decoded here rather than by pydicom (same ``.value`` interface)."""
+
+    value: Any
+
+
+def _fast_value(raw: RawDataElement, codec: str | None) -> _Value | None:
+    """Decode a text or US value directly, or None to let pydicom do it (sequences, other
+    character sets, deferred values). Multiple values stay joined by '\\' as on the wire."""
+    if raw.value is None:
+        return None
+    tag = int(raw.tag)
+    vr = raw.VR or _VRS.get(tag)
+    if vr is None:
+        try:
+            vr = _VRS[tag] = str(dictionary_VR(tag))
+        except KeyError:
+            return None
+    if vr in _TEXT_VRS:
+        if codec is None:
+            return None
+        return _Value(raw.value.decode(codec, "replace").strip(" \x00"))
+    if vr == "US" and len(raw.value) >= 2:
+        return _Value(int.from_bytes(raw.value[:2], "little" if raw.is_little_endian else "big"))
+    return None
 
 
 def _elements(ds: Dataset) -> Elements:
-    """The (few, thanks to ``specific_tags``) top-level elements by integer tag, converted
-    once: ``Dataset.get`` costs ~40 µs per lookup in pydicom 3, more than the parse."""
+    """The (few, thanks to ``specific_tags``) top-level elements by integer tag, decoded once.
+
+    Text and US values in the common character sets are decoded here: pydicom's conversion
+    (with its hooks) costs ~40 µs per element, more than parsing the whole header."""
     charset = ds.get_item(0x00080005)
     encoding: Any = None
+    codec: str | None = "latin_1"
     if charset is not None:
         value = convert_raw_data_element(charset).value if isinstance(charset, RawDataElement) \
             else charset.value
         encoding = convert_encodings(value) if value else None
+        codec = _FAST_CODECS.get(value.strip()) if isinstance(value, str) else None
     found: Elements = {}
     for element in ds.elements():
         if isinstance(element, RawDataElement):
+            # Attributes kept as DICOM JSON need pydicom's DataElement (to_json_dict).
+            fast = None if int(element.tag) in _JSON_TAGS else _fast_value(element, codec)
+            if fast is not None:
+                found[int(element.tag)] = fast
+                continue
             element = convert_raw_data_element(element, encoding=encoding, ds=ds)
         found[int(element.tag)] = element
     return found
