@@ -54,7 +54,7 @@ def _wait_for_signal() -> str:
     return received[0]
 
 
-def _dimse_worker(settings: Settings) -> None:
+def _dimse_worker(settings: Settings, listening: Any) -> None:
     """A receiver process sharing the DICOM port (``dimse.workers`` > 1)."""
     from gateway.dimse import DimseNode
 
@@ -62,6 +62,7 @@ def _dimse_worker(settings: Settings) -> None:
     services = build_services(settings, create_schema=False)
     node = DimseNode(settings, services.ingest)
     node.start(reuse_port=True)
+    listening.set()
     _wait_for_signal()
     node.stop()
     services.close()
@@ -91,11 +92,22 @@ def serve(settings: Settings) -> int:
             port = _free_port(settings.dimse["host"])
             settings = load_settings_with(settings, "dimse", "port", port)
         spawn = multiprocessing.get_context("spawn")
+        ready = []
         for number in range(settings.dimse["workers"]):
-            worker = spawn.Process(target=_dimse_worker, args=(settings,),
+            listening = spawn.Event()
+            worker = spawn.Process(target=_dimse_worker, args=(settings, listening),
                                    name=f"dimse-{number}", daemon=False)
             worker.start()
             workers.append(worker)
+            ready.append(listening)
+        for listening, worker in zip(ready, workers, strict=True):  # ready = all listening
+            while not listening.wait(0.5):
+                if not worker.is_alive():
+                    log.error("receiver process %s exited with %s during start-up",
+                              worker.name, worker.exitcode)
+                    for other in workers:
+                        other.terminate()
+                    return 1
         dimse_address = f"{settings.dimse['host']}:{settings.dimse['port']}"
     else:
         node = DimseNode(settings, services.ingest)

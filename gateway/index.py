@@ -13,7 +13,9 @@ Runs on SQLite (default; WAL, synchronous=FULL so a commit is durable before it 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -138,6 +140,37 @@ class StoredInstance:
     blob_size: int
 
 
+class _WriterLock:
+    """Queue SQLite writers on a lock instead of SQLite's busy handler.
+
+    SQLite admits one writer at a time and makes the others poll with growing sleeps (1, 2,
+    5 … 100 ms). Threads of one process queue on a mutex, processes (``dimse.workers``, an
+    ``import`` beside a running gateway) on ``flock`` of a file next to the database; both
+    wake the next writer the moment the previous one commits.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        if path is not None:
+            try:
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                self._fd = None  # e.g. a read-only directory: SQLite's own locking still holds
+
+    def __enter__(self) -> None:
+        self._mutex.acquire()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):  # without the flock SQLite still serialises
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._mutex.release()
+
+
 class _Prepared:
     """A Core statement compiled once; on SQLite run as plain driver SQL.
 
@@ -194,7 +227,11 @@ class Index:
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = _make_engine(url)
         self._insert = sqlite.insert if self.is_sqlite else postgresql.insert
-        self._write_lock = threading.Lock()
+        self._write_lock: Any = contextlib.nullcontext()
+        if self.is_sqlite:
+            database = self.engine.url.database
+            self._write_lock = _WriterLock(f"{database}.writelock" if database and
+                                           database != ":memory:" else None)
         self._prepare()
 
     def create_schema(self) -> None:
@@ -215,12 +252,8 @@ class Index:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One write transaction; raises :class:`IndexUnavailable` if the database refuses."""
-        # SQLite admits one writer at a time and makes the others poll with growing sleeps
-        # (its busy handler). Threads of this process queue on a lock instead, so the next
-        # writer starts the moment the previous one commits.
-        lock = self._write_lock if self.is_sqlite else contextlib.nullcontext()
         try:
-            with lock, self.engine.connect() as conn:
+            with self._write_lock, self.engine.connect() as conn:
                 if self.is_sqlite:
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
                 else:

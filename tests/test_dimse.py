@@ -369,3 +369,29 @@ def test_pynetdicom_path_stores_too_when_the_lean_receiver_is_off(make_gateway: 
         sop_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         stored = stored_path(gw.data, sop_uid)
         assert stored is not None and dataset_bytes(stored) == dataset_bytes(path)
+
+
+def test_several_receiver_processes_share_the_port(make_gateway: object,
+                                                   tmp_path: Path) -> None:
+    """dimse.workers = 2: two processes accept on one port (SO_REUSEPORT) and write one
+    index; parallel senders all get stored and indexed, and SIGTERM stops every process."""
+    require_dcmtk()
+    gw = make_gateway(extra={"dimse": {"workers": 2}}).start()  # type: ignore[operator]
+    files = []
+    for number in range(12):
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = tmp_path / f"{number}.dcm"
+        ds.save_as(path)
+        files.append(path)
+    senders = [subprocess.Popen(["storescu", "-aec", gw.ae_title, "127.0.0.1",
+                                 str(gw.dimse_port), *map(str, files[n::4])], env=dcmtk_env())
+               for n in range(4)]
+    assert [sender.wait(60) for sender in senders] == [0, 0, 0, 0]
+    for path in files:
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert stored_path(gw.data, sop) is not None and _index_has(gw, sop)
+    assert gw.stop() == 0
+    leftover = subprocess.run(["pgrep", "-f", str(gw.config)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "a receiver process outlived the gateway"

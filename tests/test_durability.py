@@ -57,24 +57,8 @@ def make_ct_series(directory: Path, count: int, *, rows: int = 256) -> list[Path
 
 def send_all(gateway: GatewayProcess, files: list[Path]) -> dict[Path, int | None]:
     """C-STORE each file on one association; status per file (None: no response)."""
-    ae = AE(ae_title="DURABILITY")
-    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
     results: dict[Path, int | None] = dict.fromkeys(files)
-    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
-    if not assoc.is_established:
-        return results
-    for path in files:
-        try:
-            status = assoc.send_c_store(pydicom.dcmread(path))
-        except Exception:
-            break
-        if not status or "Status" not in status:
-            break
-        results[path] = int(status.Status)
-        if not assoc.is_established:
-            break
-    if assoc.is_established:
-        assoc.release()
+    results.update(send_all_progressively(gateway, files))
     return results
 
 
@@ -133,6 +117,8 @@ def test_kill_9_during_parallel_stores_loses_nothing_acknowledged(
 
 def send_all_progressively(gateway: GatewayProcess,
                            files: list[Path]) -> Iterator[tuple[Path, int | None]]:
+    """C-STORE the files one by one on one association, yielding each status as it comes;
+    stops at the first store that gets no response (association gone)."""
     ae = AE(ae_title=f"SENDER{threading.get_ident() % 1000}")
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
