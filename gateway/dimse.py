@@ -109,7 +109,8 @@ class ReceiveSink:
         handle, self._handle = self._handle, None
         with contextlib.suppress(OSError):
             handle.close()
-        Path(self.name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the file system just went read-only
+            Path(self.name).unlink(missing_ok=True)
 
     def __del__(self) -> None:
         # An association aborted mid-transfer never reaches the handler: drop its partial data.

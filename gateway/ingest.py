@@ -18,6 +18,7 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -108,7 +109,8 @@ class Ingest:
             path.write_bytes(data)
             return self.store_file(path, move=True, **kwargs)  # type: ignore[arg-type]
         finally:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     def store_file(
         self,

@@ -395,3 +395,36 @@ def test_several_receiver_processes_share_the_port(make_gateway: object,
     assert gw.stop() == 0
     leftover = subprocess.run(["pgrep", "-f", str(gw.config)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "a receiver process outlived the gateway"
+
+
+def test_sigterm_lets_an_association_in_progress_finish(make_gateway: object,
+                                                        tmp_path: Path) -> None:
+    """SIGTERM stops new associations but drains the open ones: a sender in the middle of a
+    study gets every instance acknowledged and stored, then the gateway exits 0."""
+    import time
+
+    require_dcmtk()
+    gw = make_gateway().start()  # type: ignore[operator]
+    files = []
+    for number in range(40):
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = tmp_path / f"{number:02d}.dcm"
+        ds.save_as(path)
+        files.append(path)
+    # --repeat slows the sender down enough that the signal lands mid-association
+    sender = subprocess.Popen(["storescu", "--repeat", "5", "-aec", gw.ae_title, "127.0.0.1",
+                               str(gw.dimse_port), *map(str, files)], env=dcmtk_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not list(gw.data.glob("*/*/*.dcm")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gw.process is not None
+    gw.process.send_signal(15)
+    assert sender.wait(60) == 0, sender.stdout.read() if sender.stdout else ""
+    assert gw.process.wait(60) == 0
+    for path in files:
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert stored_path(gw.data, sop) is not None and _index_has(gw, sop)
+    assert "draining" in gw.log
