@@ -12,14 +12,10 @@ is rejected (A-ASSOCIATE-RJ, permanent, "called/calling AE title not recognised"
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import socket
-import tempfile
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import reactor, receiver
 from gateway.config import Settings
-from gateway.errors import OutOfResources, StoreError
+from gateway.errors import StoreError
 from gateway.ingest import Ingest
 
 log = logging.getLogger("gateway.dimse")
@@ -49,89 +45,12 @@ TRANSFER_SYNTAXES = [_EXPLICIT_LE] + [
 ] + [_DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE]
 
 
-class ReceiveSink:
-    """Where pynetdicom streams one received data set (stands in for its NamedTemporaryFile).
-
-    pynetdicom writes each incoming C-STORE data set to ``NamedTemporaryFile()`` from its DUL
-    thread, where an ``OSError`` (disk full, read-only file system) aborts the association. This
-    sink records such an error instead and swallows the rest of the data, so the C-STORE
-    handler can answer 0xA700 Out of Resources, the status that tells the sender to keep the
-    instance and retry (PS3.4 B.2.3). It also buffers writes (pynetdicom flushes every PDV).
-    """
-
-    _open: weakref.WeakValueDictionary[str, ReceiveSink] = weakref.WeakValueDictionary()
-    directory: Path = Path(tempfile.gettempdir())
-
-    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
-        self.error: OSError | None = None
-        self.file = self  # pynetdicom calls .file.flush()
-        self._handle: Any = None
-        try:
-            fd, self.name = tempfile.mkstemp(dir=self.directory, suffix=".dcm")
-            self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
-        except OSError as exc:
-            self.error = exc
-            self.name = str(self.directory / f"unwritable-{id(self)}.dcm")
-        ReceiveSink._open[self.name] = self
-
-    def write(self, data: bytes) -> int:
-        if self._handle is not None:
-            try:
-                self._handle.write(data)
-            except OSError as exc:
-                self._fail(exc)
-        return len(data)
-
-    def flush(self) -> None:
-        """Ignored: pynetdicom flushes after every PDV; :meth:`finish` flushes once."""
-
-    def finish(self) -> None:
-        """Flush everything received; raise :class:`OutOfResources` if any write failed."""
-        if self._handle is not None:
-            try:
-                self._handle.flush()
-            except OSError as exc:
-                self._fail(exc)
-        if self.error is not None:
-            raise OutOfResources(f"cannot write received data to the staging area: "
-                                 f"{self.error.strerror or self.error}")
-
-    def close(self) -> None:
-        if self._handle is not None:
-            try:
-                self._handle.close()
-            except OSError as exc:
-                self.error = self.error or exc
-            self._handle = None
-
-    def _fail(self, exc: OSError) -> None:
-        self.error = self.error or exc
-        handle, self._handle = self._handle, None
-        with contextlib.suppress(OSError):
-            handle.close()
-        with contextlib.suppress(OSError):  # e.g. the file system just went read-only
-            Path(self.name).unlink(missing_ok=True)
-
-    def __del__(self) -> None:
-        # An association aborted mid-transfer never reaches the handler: drop its partial data.
-        if self._handle is not None:
-            try:
-                self._handle.close()
-                Path(self.name).unlink(missing_ok=True)
-            except OSError:
-                pass
-
-    @classmethod
-    def for_path(cls, path: Path | str) -> ReceiveSink | None:
-        return cls._open.get(str(path))
-
-
 def configure_pynetdicom() -> None:
     """Process-wide settings for a receiver: stream data sets to disk, keep logs free of PHI."""
     _config.STORE_RECV_CHUNKED_DATASET = True
     reactor.install()  # event-driven waits instead of 1 ms polling (see gateway.reactor)
     # see ReceiveSink for why; pynetdicom 3.0.x looks the name up in this module at each message
-    setattr(dimse_messages, "NamedTemporaryFile", ReceiveSink)  # noqa: B010
+    setattr(dimse_messages, "NamedTemporaryFile", receiver.ReceiveSink)  # noqa: B010
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
@@ -191,7 +110,7 @@ class DimseNode:
         configure_pynetdicom()
         # Received data sets land in the storage's staging area, so moving them into place is
         # a rename, not a copy.
-        ReceiveSink.directory = ingest.storage.staging_dir()
+        receiver.ReceiveSink.directory = ingest.storage.staging_dir()
         self.ae = self._make_ae()
         dimse = settings.dimse
         self.fast_storage = dimse["fast_storage"]
@@ -307,7 +226,7 @@ class DimseNode:
         calling = event.assoc.requestor.ae_title
         request: Any = event.request  # a C_STORE primitive
         sop_uid = str(request.AffectedSOPInstanceUID)
-        sink = ReceiveSink.for_path(event.dataset_path)
+        sink = receiver.ReceiveSink.for_path(event.dataset_path)
         if sink is not None:
             try:
                 sink.finish()

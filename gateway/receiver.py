@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import struct
+import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +60,83 @@ _ABSURD_PDU = 64 * 1024 * 1024
 _PDV_HEADER = struct.Struct(">LBB")
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATA_SET = 0x0101
+
+
+class ReceiveSink:
+    """Where pynetdicom streams one received data set (stands in for its NamedTemporaryFile).
+
+    pynetdicom writes each incoming C-STORE data set to ``NamedTemporaryFile()`` from its DUL
+    thread, where an ``OSError`` (disk full, read-only file system) aborts the association. This
+    sink records such an error instead and swallows the rest of the data, so the C-STORE
+    handler can answer 0xA700 Out of Resources, the status that tells the sender to keep the
+    instance and retry (PS3.4 B.2.3). It also buffers writes (pynetdicom flushes every PDV).
+    """
+
+    _open: weakref.WeakValueDictionary[str, ReceiveSink] = weakref.WeakValueDictionary()
+    directory: Path = Path(tempfile.gettempdir())
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        self.error: OSError | None = None
+        self.file = self  # pynetdicom calls .file.flush()
+        self._handle: Any = None
+        try:
+            fd, self.name = tempfile.mkstemp(dir=self.directory, suffix=".dcm")
+            self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
+        except OSError as exc:
+            self.error = exc
+            self.name = str(self.directory / f"unwritable-{id(self)}.dcm")
+        ReceiveSink._open[self.name] = self
+
+    def write(self, data: bytes) -> int:
+        if self._handle is not None:
+            try:
+                self._handle.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        """Ignored: pynetdicom flushes after every PDV; :meth:`finish` flushes once."""
+
+    def finish(self) -> None:
+        """Flush everything received; raise :class:`OutOfResources` if any write failed."""
+        if self._handle is not None:
+            try:
+                self._handle.flush()
+            except OSError as exc:
+                self._fail(exc)
+        if self.error is not None:
+            raise OutOfResources(f"cannot write received data to the staging area: "
+                                 f"{self.error.strerror or self.error}")
+
+    def close(self) -> None:
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except OSError as exc:
+                self.error = self.error or exc
+            self._handle = None
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = self.error or exc
+        handle, self._handle = self._handle, None
+        with contextlib.suppress(OSError):
+            handle.close()
+        with contextlib.suppress(OSError):  # e.g. the file system just went read-only
+            Path(self.name).unlink(missing_ok=True)
+
+    def __del__(self) -> None:
+        # An association aborted mid-transfer never reaches the handler: drop its partial data.
+        if self._handle is not None:
+            try:
+                self._handle.close()
+                Path(self.name).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    @classmethod
+    def for_path(cls, path: Path | str) -> ReceiveSink | None:
+        return cls._open.get(str(path))
 
 
 class ProtocolError(Exception):
@@ -341,8 +421,6 @@ class StorageAssociation:
                                 "association", 0x02)
 
     def _open_sink(self, message: _Message) -> None:
-        from gateway.dimse import ReceiveSink  # the same staging file object pynetdicom uses
-
         assert message.fields is not None
         abstract, transfer = self.contexts[message.context_id]
         sink = ReceiveSink()
