@@ -8,9 +8,10 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
    the STOW-RS URL demands;
 3. compare with what is stored under the same SOP Instance UID (identical → success, nothing
    changes; different → the configured duplicate policy);
-4. write the blob atomically (temp file, fsync, rename, fsync directory);
-5. in ONE index transaction upsert patient/study/series/instance rows, refresh the counts and
-   queue the study in the publish outbox;
+4. move the blob into place (rename; not yet durable, and invisible: no index row names it);
+5. make it durable (fsync of file and directory) and, in ONE index transaction, upsert
+   patient/study/series/instance rows, refresh the counts and queue the study in the publish
+   outbox; concurrent stores share the fsyncs and the commit (:class:`GroupCommit`);
 6. only then report success. Any failure before 6 raises a :class:`~gateway.errors.StoreError`
    carrying the DIMSE status; a blob left without an index row is never served and is picked
    up by ``reindex``.
@@ -22,6 +23,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,7 @@ from gateway.errors import (
     InvalidInstance,
     OutOfResources,
     SOPClassMismatch,
+    StoreError,
     StudyMismatch,
 )
 from gateway.index import Index
@@ -86,6 +89,90 @@ def same_dataset(first: Path, second: Path) -> bool:
     return True
 
 
+@dataclass
+class _Pending:
+    """One instance whose blob is in place and whose index rows are to be committed."""
+
+    record: InstanceRecord
+    key: str
+    size: int
+    source: str | None
+    finished: bool = False
+    error: StoreError | None = None
+
+
+class GroupCommit:
+    """Makes blobs durable and commits their index rows, several stores at a time.
+
+    Every store waits until its own blob is fsync'd (file and directory) and its rows are
+    committed, exactly as if it were alone. But when stores run concurrently (several
+    associations, STOW-RS requests), the first to arrive commits everything that queued up
+    meanwhile: one directory fsync per directory and one index commit (one WAL fsync) for the
+    lot. Leader/followers, no extra thread: a lone sender pays nothing for it. Each instance
+    gets its own savepoint, so one bad row cannot fail the others.
+    """
+
+    def __init__(self, storage: FileStorage, index: Index) -> None:
+        self.storage = storage
+        self.index = index
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._busy = False
+
+    def commit(self, item: _Pending) -> None:
+        """Return once ``item`` is durable and indexed; raise its StoreError otherwise."""
+        batch: list[_Pending] | None = None
+        with self._cond:
+            self._queue.append(item)
+            while not item.finished:
+                if not self._busy:
+                    batch, self._queue, self._busy = self._queue, [], True
+                    break
+                self._cond.wait()
+        if batch is not None:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    for pending in batch:
+                        pending.finished = True
+                    self._busy = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            failed = self.storage.sync(p.key for p in batch)
+        except Exception as exc:  # never leave followers waiting on a crashed leader
+            failed = {p.key: OutOfResources(f"storage unavailable: {exc}") for p in batch}
+        for pending in batch:
+            pending.error = failed.get(pending.key)
+        ready = [p for p in batch if p.error is None]
+        if not ready:
+            return
+        try:
+            with self.index.write() as conn:
+                for number, pending in enumerate(ready):
+                    savepoint = f"instance_{number}"
+                    conn.exec_driver_sql(f"SAVEPOINT {savepoint}")
+                    try:
+                        self.index.upsert_instance(conn, pending.record, blob_key=pending.key,
+                                                   blob_size=pending.size,
+                                                   source=pending.source)
+                    except Exception as exc:
+                        conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                        log.exception("index row of %s not written", pending.record.sop_uid)
+                        pending.error = OutOfResources(f"index write failed: {exc}")
+                    conn.exec_driver_sql(f"RELEASE SAVEPOINT {savepoint}")
+        except StoreError as exc:
+            for pending in ready:
+                pending.error = pending.error or exc
+        except Exception as exc:
+            for pending in ready:
+                pending.error = pending.error or OutOfResources(f"index unavailable: {exc}")
+
+
 class Ingest:
     """Stores instances into a :class:`FileStorage` and an :class:`Index`."""
 
@@ -95,6 +182,7 @@ class Ingest:
         self.index = index
         self.duplicate_policy = duplicate_policy
         self.min_free_bytes = min_free_bytes
+        self._group = GroupCommit(storage, index)
 
     def staging_file(self) -> Path:
         """A new empty file in the staging area (same file system as the blobs)."""
@@ -161,11 +249,10 @@ class Ingest:
             outcome = "replaced"
         key = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         self._check_space()
-        self.storage.put_file(key, path, move=move)
+        # In place but not yet durable, and invisible: no index row points at it yet.
+        self.storage.put_file(key, path, move=move, durable=False)
         size = self.storage.path_for(key).stat().st_size
-        with self.index.write() as conn:
-            self.index.upsert_instance(conn, record, blob_key=key, blob_size=size,
-                                       source=source)
+        self._group.commit(_Pending(record, key, size, source))
         if existing is not None and existing.blob_key != key:
             self.storage.delete(existing.blob_key)
         return self._result(outcome, record)

@@ -95,18 +95,45 @@ class FileStorage:
         return self._staging
 
     # -- writes ----------------------------------------------------------------------------------
-    def put_file(self, key: str, source: Path, *, move: bool) -> None:
+    def put_file(self, key: str, source: Path, *, move: bool, durable: bool = True) -> None:
+        """Store ``source`` under ``key``. With ``durable=False`` the caller makes it durable
+        later with :meth:`sync` (several blobs at once) before it relies on it."""
         target = self.path_for(key)
+        sync = self.fsync and durable
         try:
             if move:
-                if self.fsync:
+                if sync:
                     _fsync_path(source)
-                self._place(source, target)
+                self._place(source, target, sync=sync)
             else:
                 with open(source, "rb") as handle:
-                    self._write_stream(target, iter(lambda: handle.read(1 << 20), b""))
+                    self._write_stream(target, iter(lambda: handle.read(1 << 20), b""),
+                                       sync=sync)
         except OSError as exc:
             raise _resource_error(exc, f"storing {key}") from exc
+
+    def sync(self, keys: Iterable[str]) -> dict[str, OutOfResources]:
+        """fsync each blob, then each of their directories once; returns the keys that could
+        not be made durable, with why."""
+        failed: dict[str, OutOfResources] = {}
+        if not self.fsync:
+            return failed
+        directories: dict[Path, list[str]] = {}
+        for key in keys:
+            path = self.path_for(key)
+            try:
+                _fsync_path(path)
+            except OSError as exc:
+                failed[key] = _resource_error(exc, f"syncing {key}")
+                continue
+            directories.setdefault(path.parent, []).append(key)
+        for directory, members in directories.items():
+            try:
+                _fsync_dir(directory)
+            except OSError as exc:
+                for key in members:
+                    failed[key] = _resource_error(exc, f"syncing {directory}")
+        return failed
 
     def put_bytes(self, key: str, data: bytes) -> None:
         target = self.path_for(key)
@@ -115,7 +142,8 @@ class FileStorage:
         except OSError as exc:
             raise _resource_error(exc, f"storing {key}") from exc
 
-    def _write_stream(self, target: Path, chunks: Iterable[bytes]) -> None:
+    def _write_stream(self, target: Path, chunks: Iterable[bytes], *,
+                      sync: bool = True) -> None:
         fd, tmp_name = tempfile.mkstemp(dir=self._staging, suffix=".part")
         tmp = Path(tmp_name)
         try:
@@ -123,20 +151,20 @@ class FileStorage:
                 for chunk in chunks:
                     out.write(chunk)
                 out.flush()
-                if self.fsync:
+                if self.fsync and sync:
                     os.fsync(out.fileno())
-            self._place(tmp, target)
+            self._place(tmp, target, sync=sync)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
-    def _place(self, tmp: Path, target: Path) -> None:
-        """Rename a complete, synced file into place and make the rename durable."""
+    def _place(self, tmp: Path, target: Path, *, sync: bool = True) -> None:
+        """Rename a complete file into place and (``sync``) make the rename durable."""
         directory = target.parent
         if directory not in self._durable_dirs:
             self._make_dirs(directory)
         os.replace(tmp, target)
-        if self.fsync:
+        if self.fsync and sync:
             _fsync_dir(directory)
 
     def _make_dirs(self, directory: Path) -> None:
