@@ -77,3 +77,18 @@ def stored_path(data: Path, sop_uid: str) -> Path | None:
     """Where the gateway keeps an instance, found by walking its storage (not its index)."""
     found = list(data.glob(f"*/*/{sop_uid}.dcm"))
     return found[0] if found else None
+
+
+def fresh_copies(directory: Path, count: int, source: str = "CT_small.dcm") -> list[Path]:
+    """``count`` copies of a pydicom sample, each with a new SOP Instance UID (same study and
+    series) and its own Instance Number, written to ``directory``."""
+    files = []
+    for number in range(count):
+        ds = pydicom.dcmread(pydicom_file(source))
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number + 1
+        path = directory / f"{number:03d}.dcm"
+        ds.save_as(path)
+        files.append(path)
+    return files

@@ -17,7 +17,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from conftest import GatewayProcess, dcmtk_env, pydicom_file, require_dcmtk
-from samples import dataset_bytes, sample_files, stored_path
+from samples import dataset_bytes, fresh_copies, sample_files, stored_path
 
 
 def _index_has(gateway: GatewayProcess, sop_uid: str) -> bool:
@@ -377,14 +377,7 @@ def test_several_receiver_processes_share_the_port(make_gateway: object,
     index; parallel senders all get stored and indexed, and SIGTERM stops every process."""
     require_dcmtk()
     gw = make_gateway(extra={"dimse": {"workers": 2}}).start()  # type: ignore[operator]
-    files = []
-    for number in range(12):
-        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = tmp_path / f"{number}.dcm"
-        ds.save_as(path)
-        files.append(path)
+    files = fresh_copies(tmp_path, 12)
     senders = [subprocess.Popen(["storescu", "-aec", gw.ae_title, "127.0.0.1",
                                  str(gw.dimse_port), *map(str, files[n::4])], env=dcmtk_env())
                for n in range(4)]
@@ -405,14 +398,7 @@ def test_sigterm_lets_an_association_in_progress_finish(make_gateway: object,
 
     require_dcmtk()
     gw = make_gateway().start()  # type: ignore[operator]
-    files = []
-    for number in range(40):
-        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = tmp_path / f"{number:02d}.dcm"
-        ds.save_as(path)
-        files.append(path)
+    files = fresh_copies(tmp_path, 40)
     # --repeat slows the sender down enough that the signal lands mid-association
     sender = subprocess.Popen(["storescu", "--repeat", "5", "-aec", gw.ae_title, "127.0.0.1",
                                str(gw.dimse_port), *map(str, files)], env=dcmtk_env(),

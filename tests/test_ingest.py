@@ -9,33 +9,19 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from gateway.bootstrap import build_services
 from gateway.config import load_settings
 from gateway.errors import OutOfResources
 
-from conftest import pydicom_file
-
-
-def _copies(directory: Path, count: int) -> list[Path]:
-    files = []
-    for number in range(count):
-        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = number + 1
-        path = directory / f"{number}.dcm"
-        ds.save_as(path)
-        files.append(path)
-    return files
+from samples import fresh_copies
 
 
 def test_concurrent_stores_are_all_indexed_and_one_failure_stays_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
     services = build_services(settings)
-    files = _copies(tmp_path, 24)
+    files = fresh_copies(tmp_path, 24)
     doomed = pydicom.dcmread(files[5], stop_before_pixels=True).SOPInstanceUID
     upsert = services.index.upsert_instance
 
