@@ -208,6 +208,9 @@ class DimseNode:
         """Store one received data set; returns the C-STORE status and, for failures, an
         error comment. Shared by the lean receiver and the pynetdicom handler."""
         try:
+            sink = receiver.ReceiveSink.for_path(path)
+            if sink is not None:
+                sink.finish()  # flush; a write that failed while receiving is 0xA700 here
             result = self.ingest.store_file(path, move=True, expected_sop_class=sop_class,
                                             expected_sop_uid=sop_uid, source=calling)
         except StoreError as exc:
@@ -226,14 +229,6 @@ class DimseNode:
         calling = event.assoc.requestor.ae_title
         request: Any = event.request  # a C_STORE primitive
         sop_uid = str(request.AffectedSOPInstanceUID)
-        sink = receiver.ReceiveSink.for_path(event.dataset_path)
-        if sink is not None:
-            try:
-                sink.finish()
-            except StoreError as exc:
-                log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
-                            exc.status, sop_uid, exc)
-                return exc.status
         status, _comment = self.store(event.dataset_path, str(event.context.abstract_syntax),
                                       sop_uid, calling)
         return status

@@ -313,16 +313,6 @@ class Index:
             row = conn.execute(select(study).where(study.c.StudyInstanceUID == study_uid)).first()
         return dict(row._mapping) if row else None
 
-    def series_row(self, series_uid: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(series).where(series.c.SeriesInstanceUID == series_uid)).first()
-        return dict(row._mapping) if row else None
-
-    def outbox_rows(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(select(outbox))]
-
     # -- the write -------------------------------------------------------------------------------
     def _prepare(self) -> None:
         """Build every write statement once, with bind parameters, so each store only binds

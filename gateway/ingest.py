@@ -19,16 +19,11 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-
-from pydicom.dataset import Dataset
 
 from gateway.errors import (
     DuplicateInstance,
@@ -59,7 +54,7 @@ class StoreResult:
     transfer_syntax_uid: str
 
 
-def dataset_offset(path: Path, ds: Dataset | None = None) -> int:
+def dataset_offset(path: Path) -> int:
     """Byte offset where the data set starts (after preamble, 'DICM' and the file meta group)."""
     with open(path, "rb") as handle:
         head = handle.read(144)
@@ -184,22 +179,6 @@ class Ingest:
         self.min_free_bytes = min_free_bytes
         self._group = GroupCommit(storage, index)
 
-    def staging_file(self) -> Path:
-        """A new empty file in the staging area (same file system as the blobs)."""
-        fd, name = tempfile.mkstemp(dir=self.storage.staging_dir(), suffix=".dcm")
-        os.close(fd)
-        return Path(name)
-
-    def store_bytes(self, data: bytes, **kwargs: object) -> StoreResult:
-        """Store a Part 10 file given as bytes (STOW-RS parts)."""
-        path = self.staging_file()
-        try:
-            path.write_bytes(data)
-            return self.store_file(path, move=True, **kwargs)  # type: ignore[arg-type]
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-
     def store_file(
         self,
         path: Path,
@@ -232,7 +211,7 @@ class Ingest:
         gateway.errors.StoreError
             Not stored; ``status`` tells why (and whether a retry can help).
         """
-        record, _ds = read_instance(path)
+        record = read_instance(path)
         self._validate(record, expected_sop_class, expected_sop_uid, expected_study_uid)
         existing = self.index.find_instance(record.sop_uid)
         outcome: Outcome = "stored"
@@ -260,7 +239,7 @@ class Ingest:
     def index_blob(self, key: str) -> StoreResult:
         """(Re)create the index rows of an already stored blob (``reindex``)."""
         path = self.storage.path_for(key)
-        record, _ds = read_instance(path)
+        record = read_instance(path)
         expected = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         if expected != key:
             raise InvalidInstance(f"blob {key} holds an instance whose UIDs say {expected}")

@@ -441,19 +441,10 @@ class StorageAssociation:
         abstract, _transfer = self.contexts[message.context_id]
         sop_class = _ui(message.fields, 0x00000002) or abstract
         sop_uid = _ui(message.fields, 0x00001000)
-        sink = message.sink
-        try:
-            try:
-                sink.finish()
-            except OutOfResources as exc:
-                status, comment = exc.status, str(exc)
-                log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s",
-                            self.calling_ae, status, sop_uid, exc)
-            else:
-                status, comment = self.on_store(message.path, abstract, sop_uid,
-                                                 self.calling_ae)
+        try:  # on_store finishes the sink (the same call for pynetdicom's path)
+            status, comment = self.on_store(message.path, abstract, sop_uid, self.calling_ae)
         finally:
-            sink.close()
+            message.sink.close()
             with contextlib.suppress(OSError):  # e.g. a read-only file system
                 message.path.unlink(missing_ok=True)  # moved into the store unless it failed
         self._respond(message, C_STORE_RSP, status, sop_class, sop_uid, comment)

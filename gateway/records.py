@@ -258,7 +258,7 @@ def _check_complete(ds: Dataset, handle: BinaryIO, size: int) -> None:
                 f"data set is truncated or has {size - position} bytes of trailing garbage")
 
 
-def read_instance(path: Path) -> tuple[InstanceRecord, Dataset]:
+def read_instance(path: Path) -> InstanceRecord:
     """Parse the Part 10 file at ``path`` without loading pixel data and build its record.
 
     Raises
@@ -299,7 +299,7 @@ def read_instance(path: Path) -> tuple[InstanceRecord, Dataset]:
             raise
         except Exception as exc:
             raise InvalidInstance(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
-    return record, ds
+    return record
 
 
 def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from gateway.errors import InvalidInstance, OutOfResources
 
@@ -44,28 +44,6 @@ def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
 
 def _resource_error(exc: OSError, action: str) -> OutOfResources:
     return OutOfResources(f"storage unavailable while {action}: {exc.strerror or exc}")
-
-
-class Storage(Protocol):
-    """Where stored instances live. Implementations must make ``put_*`` atomic and durable."""
-
-    def staging_dir(self) -> Path:
-        """A local directory on the same file system as the blobs, for files being received."""
-        ...
-
-    def put_file(self, key: str, source: Path, *, move: bool) -> None:
-        """Store the file at ``source`` under ``key``; ``move`` lets the store take the file."""
-        ...
-
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-
-    def open(self, key: str) -> BinaryIO: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def keys(self) -> Iterator[str]: ...
 
 
 class FileStorage:
@@ -134,13 +112,6 @@ class FileStorage:
                 for key in members:
                     failed[key] = _resource_error(exc, f"syncing {directory}")
         return failed
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        target = self.path_for(key)
-        try:
-            self._write_stream(target, (data,))
-        except OSError as exc:
-            raise _resource_error(exc, f"storing {key}") from exc
 
     def _write_stream(self, target: Path, chunks: Iterable[bytes], *,
                       sync: bool = True) -> None:

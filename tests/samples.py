@@ -69,8 +69,7 @@ def dataset_bytes(path: Path) -> bytes:
     """The data set as encoded in a Part 10 file: everything after the file meta group."""
     from gateway.ingest import dataset_offset
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return path.read_bytes()[dataset_offset(path, ds):]
+    return path.read_bytes()[dataset_offset(path):]
 
 
 def stored_path(data: Path, sop_uid: str) -> Path | None:

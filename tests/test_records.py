@@ -41,7 +41,7 @@ def test_record_values_equal_pydicoms_reading_for_every_sample_file() -> None:
     checked = 0
     for path in FILES:
         try:
-            record, _ = read_instance(path)
+            record = read_instance(path)
         except StoreError:
             continue
         ds = pydicom.dcmread(path, stop_before_pixels=True)

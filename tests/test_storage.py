@@ -44,11 +44,15 @@ def test_uid_syntax_follows_ps3_5_section_9_1(uid: str, valid: bool) -> None:
 def test_put_is_atomic_and_leaves_no_temporary_files(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "root")
     key = instance_key("1.2.3", "1.2.3.4", "1.2.3.4.5")
-    storage.put_bytes(key, b"first")
-    storage.put_bytes(key, b"second")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    storage.put_file(key, first, move=False)
+    storage.put_file(key, second, move=True)
     assert storage.path_for(key).read_bytes() == b"second"
     assert list(storage.staging_dir().iterdir()) == []
     assert list(storage.keys()) == [key]
+    assert first.exists() and not second.exists()  # copied vs taken over
 
 
 def test_write_errors_become_out_of_resources(tmp_path: Path) -> None:
@@ -60,7 +64,9 @@ def test_write_errors_become_out_of_resources(tmp_path: Path) -> None:
     staging.write_text("not a directory")
     key = instance_key("1.2.3", "1.2.3.4", "1.2.3.4.5")
     with pytest.raises(OutOfResources) as raised:
-        storage.put_bytes(key, b"data")
+        source = tmp_path / "source"
+        source.write_bytes(b"data")
+        storage.put_file(key, source, move=False)
     assert raised.value.status == 0xA700
     assert not storage.path_for(key).exists()
 
