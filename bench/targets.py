@@ -101,6 +101,8 @@ class Target:
     aet: ClassVar[str]
     uses_http: ClassVar[bool] = False
     ready_timeout: ClassVar[float] = 30.0
+    #: Folder under the work dir where the target writes Part-10 files (None: it keeps none).
+    output_dir: ClassVar[str | None] = None
 
     def unavailable_reason(self) -> str | None:
         """Why this target cannot run on this machine, or None if it can."""
@@ -123,11 +125,14 @@ class Target:
 
     def stored_count(self, ep: Endpoint) -> int | None:
         """How many instances the target has stored, or None if it cannot be told."""
-        return None
+        return None if self.output_dir is None else count_part10_files(ep.workdir /
+                                                                      self.output_dir)
 
     def verification(self) -> str:
         """How a run's completeness is checked, for the report."""
-        return "storescu exit codes only"
+        if self.output_dir is None:
+            return "storescu exit codes only"
+        return "exit codes + Part-10 files written"
 
 
 def _which(tool: str) -> str | None:
@@ -141,6 +146,7 @@ class StorescpTarget(Target):
     name = "storescp"
     description = "dcmtk storescp, writes files (reference = 1.00)"
     aet = "STORESCP"
+    output_dir: ClassVar[str | None] = "out"
 
     def unavailable_reason(self) -> str | None:
         return _which("storescp")
@@ -153,12 +159,6 @@ class StorescpTarget(Target):
     def env(self) -> dict[str, str]:
         return dcmtk_env()
 
-    def stored_count(self, ep: Endpoint) -> int | None:
-        return count_part10_files(ep.workdir / "out")
-
-    def verification(self) -> str:
-        return "exit codes + Part-10 files written"
-
 
 class StorescpIgnoreTarget(StorescpTarget):
     """dcmtk storescp --ignore: receives every byte, stores nothing (the protocol limit)."""
@@ -166,14 +166,10 @@ class StorescpIgnoreTarget(StorescpTarget):
     name = "storescp-ignore"
     description = "dcmtk storescp --ignore, stores nothing (protocol limit)"
 
+    output_dir = None
+
     def command(self, ep: Endpoint) -> list[str]:
         return ["storescp", "-aet", self.aet, "+xa", "--ignore", str(ep.dimse_port)]
-
-    def stored_count(self, ep: Endpoint) -> int | None:
-        return None
-
-    def verification(self) -> str:
-        return "storescu exit codes only"
 
 
 class OrthancTarget(Target):
@@ -236,6 +232,7 @@ class PynetdicomTarget(Target):
     name = "pynetdicom-min"
     description = "minimal pynetdicom 3.0 SCP writing files (pure-Python floor)"
     aet = "PYNETDICOM"
+    output_dir: ClassVar[str | None] = "out"
 
     def command(self, ep: Endpoint) -> list[str]:
         extra = os.environ.get("BENCH_PYNETDICOM_ARGS", "").split()
@@ -247,11 +244,6 @@ class PynetdicomTarget(Target):
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
-    def stored_count(self, ep: Endpoint) -> int | None:
-        return count_part10_files(ep.workdir / "out")
-
-    def verification(self) -> str:
-        return "exit codes + Part-10 files written"
 
 
 class GatewayTarget(Target):
@@ -261,6 +253,7 @@ class GatewayTarget(Target):
     description = "imaging-gateway (this project)"
     aet = "IMAGING_GW"
     uses_http = True
+    output_dir: ClassVar[str | None] = "data"  # the [storage] path
     ready_timeout = 60.0
 
     def unavailable_reason(self) -> str | None:
@@ -284,9 +277,6 @@ class GatewayTarget(Target):
 
     def command(self, ep: Endpoint) -> list[str]:
         return [str(GATEWAY_BIN), "serve", "--config", str(ep.workdir / "gateway.toml")]
-
-    def stored_count(self, ep: Endpoint) -> int | None:
-        return count_part10_files(ep.workdir / "data")
 
     def verification(self) -> str:
         return "exit codes + Part-10 files under [storage] path"

@@ -132,14 +132,21 @@ def test_resending_an_identical_instance_succeeds_and_changes_nothing(
     assert (stored.stat().st_ino, stored.stat().st_mtime_ns) == before
 
 
+def _changed_copy(original: Path, directory: Path,
+                  description: str) -> tuple[pydicom.Dataset, Path]:
+    """The same SOP Instance UID with different content (another Study Description)."""
+    changed = pydicom.dcmread(original)
+    changed.StudyDescription = description
+    path = directory / "changed.dcm"
+    changed.save_as(path)
+    return changed, path
+
+
 def test_different_object_with_a_stored_uid_is_rejected_by_default(
         gateway: GatewayProcess, tmp_path: Path) -> None:
     original = pydicom_file("CT_small.dcm")
     assert _send_raw(gateway, original) == 0x0000
-    changed = pydicom.dcmread(original)
-    changed.StudyDescription = "changed after the fact"
-    other = tmp_path / "changed.dcm"
-    changed.save_as(other)
+    changed, other = _changed_copy(original, tmp_path, "changed after the fact")
     assert _send_raw(gateway, other) == 0x0111  # Duplicate SOP Instance (PS3.7 C.4)
     stored = stored_path(gateway.data, changed.SOPInstanceUID)
     assert stored is not None
@@ -152,10 +159,7 @@ def test_replace_policy_replaces_the_stored_object(make_gateway: object,
     gw = make_gateway(extra={"storage": {"duplicate_policy": "replace"}}).start()  # type: ignore[operator]
     original = pydicom_file("CT_small.dcm")
     assert _send_raw(gw, original) == 0x0000
-    changed = pydicom.dcmread(original)
-    changed.StudyDescription = "corrected"
-    other = tmp_path / "changed.dcm"
-    changed.save_as(other)
+    changed, other = _changed_copy(original, tmp_path, "corrected")
     assert _send_raw(gw, other) == 0x0000
     stored = stored_path(gw.data, changed.SOPInstanceUID)
     assert stored is not None and pydicom.dcmread(stored).StudyDescription == "corrected"
