@@ -8,7 +8,7 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
    the STOW-RS URL demands;
 3. compare with what is stored under the same SOP Instance UID (identical → success, nothing
    changes; different → the configured duplicate policy);
-4. move the blob into place (rename; not yet durable, and invisible: no index row names it);
+4. move the blob into place (rename; not yet durable; a new instance is not yet indexed);
 5. make it durable (fsync of file and directory) and, in ONE index transaction, upsert
    patient/study/series/instance rows, refresh the counts and queue the study in the publish
    outbox; concurrent stores share the fsyncs and the commit (:class:`GroupCommit`);
@@ -228,7 +228,7 @@ class Ingest:
             outcome = "replaced"
         key = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         self._check_space()
-        # In place but not yet durable, and invisible: no index row points at it yet.
+        # In place but not yet durable; a new instance has no index row naming it yet.
         self.storage.put_file(key, path, move=move, durable=False)
         size = self.storage.path_for(key).stat().st_size
         self._group.commit(_Pending(record, key, size, source))

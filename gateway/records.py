@@ -223,12 +223,12 @@ def _check_complete(ds: Dataset, handle: BinaryIO, size: int) -> None:
     (a few: pixel data, padding) and require that they end exactly at the end of the file.
     """
     position = handle.tell()
-    for tag in reversed(list(ds.keys())):
-        element = ds.get_item(tag, keep_deferred=True)
-        if not isinstance(element, RawDataElement) or element.length == 0xFFFFFFFF:
+    tags = list(ds.keys())  # in file order
+    if tags:
+        last = ds.get_item(tags[-1], keep_deferred=True)
+        if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
             return  # an undefined length item: its delimiters were checked while parsing
-        position = element.value_tell + element.length
-        break
+        position = last.value_tell + last.length
     little = ds.is_little_endian if ds.is_little_endian is not None else True
     implicit = bool(ds.is_implicit_VR)
     order = "<" if little else ">"
