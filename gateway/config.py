@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.credentials import SIGNING_ALGORITHMS, Secret, load_signing_key
 from gateway.errors import ConfigError
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash
@@ -112,6 +113,47 @@ def _optional_string(key: str, value: Any) -> str | None:
     return _string(key, value)
 
 
+def _exact_choice(*choices: str) -> Callable[[str, Any], str]:
+    """Like :func:`_choice`, for values written in upper case (``R4``, ``RS384``)."""
+
+    def parse(key: str, value: Any) -> str:
+        text = _string(key, value).strip().upper()
+        if text not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {value!r}")
+        return text
+
+    return parse
+
+
+def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    def optional(key: str, value: Any) -> Any:
+        return None if value is None or value == "" else parse(key, value)
+
+    return optional
+
+
+def _secret(key: str, value: Any) -> Secret | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, Secret):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string")  # never echo a secret
+    return Secret(value)
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise ConfigError(f"{key}: must be more than 0 seconds, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: its parser, default and the sentence the reference table shows."""
@@ -204,6 +246,82 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "log": {
         "level": Key(_choice("debug", "info", "warning", "error"), "info", "Log level."),
     },
+    "fhir": {
+        "base_url": Key(
+            _url, None,
+            "Base URL of the FHIR server that receives ImagingStudy and Endpoint "
+            "(e.g. `https://emr.example.org/fhir/R4`). Unset: publishing is off and the other "
+            "`fhir.*` keys are not checked.",
+        ),
+        "version": Key(_exact_choice("R4", "R5"), "R4", "FHIR release the server speaks: `R4` "
+                                                         "(4.0.1) or `R5`."),
+        "auth": Key(
+            _choice("none", "client_credentials", "smart_backend"), "smart_backend",
+            "How the gateway gets access tokens: `smart_backend` (SMART Backend Services: "
+            "client credentials grant, `private_key_jwt` with RS384/ES384), "
+            "`client_credentials` (OAuth2 client credentials grant with any `auth_method`) or "
+            "`none` (no `Authorization` header).",
+        ),
+        "token_url": Key(
+            _url, None,
+            "OAuth2 token endpoint. Unset: discovered from "
+            "`<base_url>/.well-known/smart-configuration` (falling back to the "
+            "CapabilityStatement's `oauth-uris` extension).",
+        ),
+        "client_id": Key(_optional_string, None, "OAuth2 client id registered at the "
+                                                 "authorization server (required unless "
+                                                 "`auth = \"none\"`)."),
+        "auth_method": Key(
+            _optional(_choice("client_secret_basic", "client_secret_post", "private_key_jwt")),
+            None,
+            "Client authentication at the token endpoint: `client_secret_basic`, "
+            "`client_secret_post` or `private_key_jwt`. Unset: `private_key_jwt` for "
+            "`smart_backend` (the only method it allows), `client_secret_basic` otherwise.",
+        ),
+        "client_secret": Key(
+            _secret, None,
+            "Client secret for `client_secret_basic`/`_post`. Better kept out of the file: set "
+            "`GATEWAY_FHIR_CLIENT_SECRET` or `client_secret_file`. Never logged.",
+        ),
+        "client_secret_file": Key(
+            _optional_string, None,
+            "File holding the client secret (a trailing newline is ignored), e.g. a mounted "
+            "Kubernetes Secret. Read at start-up.",
+        ),
+        "private_key": Key(
+            _secret, None,
+            "PEM private key for `private_key_jwt`, for setting it through "
+            "`GATEWAY_FHIR_PRIVATE_KEY`; prefer `private_key_file`. Never logged.",
+        ),
+        "private_key_file": Key(
+            _optional_string, None,
+            "PEM file with the private key that signs client assertions: RSA (≥ 2048 bits) for "
+            "RS384 or EC P-384 for ES384. Its public key is registered at the authorization "
+            "server (JWKS) under `key_id`. Read at start-up.",
+        ),
+        "key_id": Key(_optional_string, None,
+                      "`kid` of the registered public key, sent in every client assertion "
+                      "(required for `private_key_jwt`)."),
+        "algorithm": Key(
+            _optional(_exact_choice(*SIGNING_ALGORITHMS)), None,
+            "Client assertion signature: `RS384` or `ES384`. Unset: the one that fits the key.",
+        ),
+        "scope": Key(
+            _string,
+            "system/ImagingStudy.crus system/Endpoint.crus system/Patient.rs "
+            "system/ServiceRequest.rs",
+            "Scopes requested with every token (SMART v2 syntax; v1 servers want e.g. "
+            "`system/ImagingStudy.write system/ImagingStudy.read …`).",
+        ),
+        "ca_bundle": Key(
+            _optional_string, None,
+            "PEM file of the CAs trusted for the FHIR server and the token endpoint (TLS is "
+            "always verified). Unset: the system's CAs.",
+        ),
+        "timeout": Key(_seconds, 30,
+                       "Seconds to wait for a connection or for the next bytes of an answer, "
+                       "on every FHIR and token request."),
+    },
 }
 
 _PEER_KEYS: dict[str, Key] = {
@@ -230,6 +348,7 @@ class Settings:
     storage: Mapping[str, Any]
     index: Mapping[str, Any]
     log: Mapping[str, Any]
+    fhir: Mapping[str, Any]
     peers: Mapping[str, Peer] = field(default_factory=dict)
 
     @property
@@ -342,4 +461,80 @@ def load_settings(
                   else definition.default)
             for key, definition in keys.items()
         }
+    _resolve_fhir(sections["fhir"])
     return Settings(peers=_parse_peers(peers_raw), **sections)
+
+
+def _read_secret_file(key: str, path: str) -> Secret:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{key}: {path} is empty")
+    return Secret(text)
+
+
+def _one_of(fhir: dict[str, Any], value_key: str) -> tuple[Secret | None, str]:
+    """The secret given inline or through ``<value_key>_file``, and the key that gave it."""
+    file_key = f"{value_key}_file"
+    inline, path = fhir[value_key], fhir[file_key]
+    if inline is not None and path is not None:
+        raise ConfigError(f"fhir.{file_key}: set either fhir.{value_key} or fhir.{file_key}, "
+                          "not both")
+    if path is not None:
+        return _read_secret_file(f"fhir.{file_key}", path), f"fhir.{file_key}"
+    return inline, f"fhir.{value_key}"
+
+
+def _resolve_fhir(fhir: dict[str, Any]) -> None:
+    """Check the ``[fhir]`` keys together, once publishing is on (``base_url`` set).
+
+    Reads ``client_secret_file`` and ``private_key_file`` into ``client_secret`` and
+    ``private_key`` (as :class:`~gateway.credentials.Secret`), and fills in the effective
+    ``auth_method`` and ``algorithm``, so that a missing file, a key that cannot sign or a
+    missing client id stops the gateway at start-up rather than at its first publish.
+    SMART Backend Services (SMART App Launch 2.x, backend-services) requires asymmetric client
+    authentication with a ``kid``; RFC 6749 §2.3.1 the client id with a secret.
+    """
+    if fhir["base_url"] is None:
+        return
+    fhir["client_secret"], _ = _one_of(fhir, "client_secret")
+    fhir["private_key"], key_source = _one_of(fhir, "private_key")
+    if fhir["ca_bundle"] is not None and not os.path.isfile(fhir["ca_bundle"]):
+        raise ConfigError(f"fhir.ca_bundle: file not found: {fhir['ca_bundle']}")
+    auth = fhir["auth"]
+    if auth == "none":
+        return
+    method = fhir["auth_method"]
+    if auth == "smart_backend":
+        if method not in (None, "private_key_jwt"):
+            raise ConfigError("fhir.auth_method: SMART Backend Services authenticates with "
+                              'private_key_jwt; use auth = "client_credentials" for a client '
+                              f"secret, got {method!r}")
+        method = "private_key_jwt"
+    fhir["auth_method"] = method = method or "client_secret_basic"
+    if not fhir["client_id"]:
+        raise ConfigError(f'fhir.client_id: required with auth = "{auth}"')
+    if method != "private_key_jwt":
+        if fhir["client_secret"] is None:
+            raise ConfigError(f"fhir.client_secret: required with auth_method {method} (or "
+                              "fhir.client_secret_file, or GATEWAY_FHIR_CLIENT_SECRET)")
+        return
+    if fhir["private_key"] is None:
+        raise ConfigError("fhir.private_key_file: required with auth_method private_key_jwt "
+                          "(or fhir.private_key / GATEWAY_FHIR_PRIVATE_KEY)")
+    if not fhir["key_id"]:
+        raise ConfigError("fhir.key_id: required with auth_method private_key_jwt (the kid "
+                          "of the registered public key)")
+    try:
+        _, fitting = load_signing_key(fhir["private_key"], None)
+    except ValueError as exc:
+        raise ConfigError(f"{key_source}: {exc}") from None
+    if fhir["algorithm"] not in (None, fitting):
+        raise ConfigError(f"fhir.algorithm: {fhir['algorithm']} does not fit the key in "
+                          f"{key_source}, which signs with {fitting}")
+    fhir["algorithm"] = fitting

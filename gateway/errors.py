@@ -4,19 +4,32 @@
 
     GatewayError
     ├── ConfigError                 bad setting → one line naming the key, exit code 2
-    └── StoreError                  an instance was not stored; carries its DIMSE status
-        ├── InvalidInstance         0xC000 class: unparseable, truncated, missing/invalid UIDs
-        │   └── StudyMismatch       0xC409: STOW-RS part whose Study UID differs from the URL
-        ├── SOPClassMismatch        0xA900: data set SOP Class ≠ the negotiated/declared one
-        ├── DuplicateInstance       0x0111: a different object with a stored SOP Instance UID
-        └── OutOfResources          0xA700: disk full, unwritable storage, index unavailable
+    ├── StoreError                  an instance was not stored; carries its DIMSE status
+    │   ├── InvalidInstance         0xC000 class: unparseable, truncated, missing/invalid UIDs
+    │   │   └── StudyMismatch       0xC409: STOW-RS part whose Study UID differs from the URL
+    │   ├── SOPClassMismatch        0xA900: data set SOP Class ≠ the negotiated/declared one
+    │   ├── DuplicateInstance       0x0111: a different object with a stored SOP Instance UID
+    │   └── OutOfResources          0xA700: disk full, unwritable storage, index unavailable
+    └── FhirError                   a request to the FHIR server (or its token endpoint) failed
+        ├── FhirTransientError      try again later: no connection, timeout, 408, 429, 5xx,
+        │                           token endpoint unreachable; ``retry_after`` from the server
+        └── FhirPermanentError      the same request will fail again: 4xx, with the server's
+            │                       ``status`` and ``outcome`` (OperationOutcome JSON)
+            └── FhirAuthError       the server and the gateway could not authenticate each
+                                    other: token refused (``oauth_error``: invalid_client,
+                                    invalid_scope…), 401 even with a fresh token, TLS
+                                    certificate not trusted
 
 Each entry point maps these in one place: DIMSE returns ``status``; STOW-RS puts ``status`` in
-Failure Reason (0008,1197) and derives the HTTP status; the CLI prints ``str(error)``.
-Messages never contain patient names or IDs (they end up in logs and on the wire).
+Failure Reason (0008,1197) and derives the HTTP status; the CLI prints ``str(error)``; the
+publisher backs off on ``FhirTransientError`` and dead-letters on ``FhirPermanentError``.
+Messages never contain patient names or IDs (they end up in logs and on the wire), nor secrets:
+FHIR errors name the method and the path without its query string.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -66,3 +79,52 @@ class OutOfResources(StoreError):
     """Refused: Out of Resources (0xA700): the sender should retry later."""
 
     status = 0xA700
+
+
+class FhirError(GatewayError):
+    """A FHIR interaction failed (FHIR R4 http.html); see the subclasses for what to do next.
+
+    Attributes
+    ----------
+    status
+        The HTTP status of the answer, or ``None`` when there was none (no connection, timeout).
+    outcome
+        The OperationOutcome the server sent with the error, as JSON, if any.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 outcome: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.outcome = outcome
+
+
+class FhirTransientError(FhirError):
+    """Worth retrying later: the server was unreachable, slow, overloaded or failing (5xx, 408,
+    429). ``retry_after`` is the server's ``Retry-After`` in seconds (RFC 9110 §10.2.3), if it
+    sent one."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 outcome: dict[str, Any] | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status=status, outcome=outcome)
+        self.retry_after = retry_after
+
+
+class FhirPermanentError(FhirError):
+    """The server refused the request itself (4xx): sending it again unchanged will fail again.
+    ``status`` and ``outcome`` say why (e.g. 400 invalid resource, 404, 409, 412 version
+    conflict, 422)."""
+
+
+class FhirAuthError(FhirPermanentError):
+    """Authentication failed: the token endpoint refused the client (``oauth_error`` is the
+    RFC 6749 §5.2 error code, e.g. ``invalid_client``, ``invalid_scope``), the FHIR server
+    answered 401 to a freshly fetched token, or the server's TLS certificate is not trusted.
+    Unlike other permanent errors this concerns every request, not one resource."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 outcome: dict[str, Any] | None = None,
+                 oauth_error: str | None = None) -> None:
+        super().__init__(message, status=status, outcome=outcome)
+        self.oauth_error = oauth_error
