@@ -27,3 +27,28 @@ ensure_venv() {  # ensure_venv EXTRAS : .venv with the project installed (editab
     "$VENV/bin/python" -c "import gateway" && touch "$stamp"
   fi
 }
+
+INFRA="$ROOT/.infra"  # test servers, git-ignored
+
+install_sekmet() {  # install_sekmet : the test FHIR server (sekmet-fhir, PyPI) in its own venv
+  local version=0.1.1 venv="$INFRA/sekmet-venv"
+  [ -f "$venv/.installed-$version" ] && return 0
+  echo "== sekmet-fhir $version into .infra/sekmet-venv" >&2
+  rm -rf "$venv"
+  mkdir -p "$INFRA"
+  "$PY" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q "sekmet-fhir==$version" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  "$venv/bin/python" -c "import sekmet.main" && touch "$venv/.installed-$version"
+}
+
+npm_install() {  # npm_install DIR PACKAGE@VERSION... : node packages into DIR/node_modules, once per list
+  local dir=$1; shift
+  local stamp
+  stamp="$dir/.installed-$(echo "$*" | sha1sum | cut -c1-12)"
+  [ -f "$stamp" ] && return 0
+  command -v npm >/dev/null || apt_install nodejs npm
+  echo "== npm install $* into ${dir#"$ROOT"/}" >&2
+  mkdir -p "$dir"
+  [ -f "$dir/package.json" ] || echo '{"private": true}' > "$dir/package.json"
+  (cd "$dir" && npm install --no-fund --no-audit --loglevel=error "$@" >/dev/null) && touch "$stamp"
+}

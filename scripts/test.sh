@@ -4,6 +4,8 @@
 source "$(dirname "$0")/_env.sh"
 apt_install dcmtk
 ensure_venv "[test]"
+install_sekmet                                      # FHIR server (tests/fhir_servers.py)
+npm_install "$INFRA/oauth" oidc-provider@9.13.3     # OAuth2 authorization server (idem)
 cd "$ROOT"
 echo "== ruff" >&2
 "$VENV/bin/ruff" check gateway fhir_maps tests bench

@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 import requests
 
+# Real FHIR and OAuth2 servers (session fixtures): sekmet, oauth_server, resource_server...
+from fhir_servers import client_keys, oauth_server, resource_server, sekmet  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
