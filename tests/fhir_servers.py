@@ -84,14 +84,17 @@ def _wait_until(ready: Any, process: subprocess.Popen[bytes], log: Path, what: s
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM; SIGINT after 2 s (uvicorn otherwise waits for the idle keep-alive connections
+    of clients still open, and forces its exit on a SIGINT that follows); SIGKILL last."""
     if process is None or process.poll() is not None:
         return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    for signum, grace in ((signal.SIGTERM, 2), (signal.SIGINT, 10), (signal.SIGKILL, 10)):
+        process.send_signal(signum)
+        try:
+            process.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # -- keys ------------------------------------------------------------------------------------------

@@ -267,3 +267,108 @@ def test_the_documented_example_is_a_valid_configuration(tmp_path: Path) -> None
     assert blocks, "no ```toml example in docs/configuration.md"
     for block in blocks:
         load_settings(_toml(tmp_path, block), environ={})
+
+
+# -- [fhir]: publishing and its OAuth2 credentials -------------------------------------------------
+FHIR_ON = {"GATEWAY_FHIR_BASE_URL": "https://emr.example.org/fhir/R4"}
+
+
+@pytest.fixture(scope="module")
+def pem_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from joserfc.jwk import ECKey, RSAKey
+
+    folder = tmp_path_factory.mktemp("keys")
+    keys = {"rsa": RSAKey.generate_key(2048, private=True),
+            "ec384": ECKey.generate_key("P-384", private=True),
+            "ec256": ECKey.generate_key("P-256", private=True)}
+    paths = {}
+    for name, key in keys.items():
+        paths[name] = folder / f"{name}.pem"
+        paths[name].write_bytes(key.as_pem(private=True))
+    paths["garbage"] = folder / "garbage.pem"
+    paths["garbage"].write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    return paths
+
+
+def test_fhir_publishing_is_off_by_default_and_then_nothing_else_is_checked() -> None:
+    settings = load_settings(environ={"GATEWAY_FHIR_PRIVATE_KEY_FILE": "/nowhere.pem"})
+    assert settings.fhir["base_url"] is None
+    assert settings.fhir["auth"] == "smart_backend" and settings.fhir["version"] == "R4"
+
+
+def test_fhir_client_secret_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    common = {**FHIR_ON, "GATEWAY_FHIR_AUTH": "client_credentials",
+              "GATEWAY_FHIR_CLIENT_ID": "gw"}
+    settings = load_settings(environ={**common, "GATEWAY_FHIR_CLIENT_SECRET": "s3cret!"})
+    assert settings.fhir["client_secret"].reveal() == "s3cret!"
+    assert settings.fhir["auth_method"] == "client_secret_basic"
+    assert "s3cret!" not in repr(settings) and "s3cret!" not in str(settings.fhir)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-a-file\n")  # as `echo … > file` or a Kubernetes Secret leaves it
+    settings = load_settings(environ={**common, "GATEWAY_FHIR_CLIENT_SECRET_FILE":
+                                      str(secret_file),
+                                      "GATEWAY_FHIR_AUTH_METHOD": "client_secret_post"})
+    assert settings.fhir["client_secret"].reveal() == "from-a-file"
+    assert settings.fhir["auth_method"] == "client_secret_post"
+
+
+def test_fhir_smart_backend_key_from_a_file_or_the_environment(pem_keys: dict[str, Path]) -> None:
+    common = {**FHIR_ON, "GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_KEY_ID": "k1"}
+    from_file = load_settings(environ={**common,
+                                       "GATEWAY_FHIR_PRIVATE_KEY_FILE": str(pem_keys["ec384"])})
+    assert from_file.fhir["algorithm"] == "ES384"
+    assert from_file.fhir["auth_method"] == "private_key_jwt"
+    pem = pem_keys["rsa"].read_text()
+    from_env = load_settings(environ={**common, "GATEWAY_FHIR_PRIVATE_KEY": pem,
+                                      "GATEWAY_FHIR_ALGORITHM": "rs384"})
+    assert from_env.fhir["algorithm"] == "RS384"
+    assert pem.splitlines()[1] not in repr(from_env)
+
+
+BAD_FHIR = [
+    ({"GATEWAY_FHIR_VERSION": "R3"}, "fhir.version"),
+    ({"GATEWAY_FHIR_AUTH": "magic"}, "fhir.auth"),
+    ({"GATEWAY_FHIR_TIMEOUT": "0"}, "fhir.timeout"),
+    ({"GATEWAY_FHIR_TIMEOUT": "soon"}, "fhir.timeout"),
+    ({"GATEWAY_FHIR_BASE_URL": "ftp://emr/fhir"}, "fhir.base_url"),
+    ({"GATEWAY_FHIR_ALGORITHM": "HS256"}, "fhir.algorithm"),
+    ({"GATEWAY_FHIR_AUTH_METHOD": "client_secret_jwt"}, "fhir.auth_method"),
+    ({"GATEWAY_FHIR_AUTH": "client_credentials"}, "fhir.client_id"),
+    ({"GATEWAY_FHIR_AUTH": "client_credentials", "GATEWAY_FHIR_CLIENT_ID": "gw"},
+     "fhir.client_secret"),
+    ({"GATEWAY_FHIR_AUTH": "client_credentials", "GATEWAY_FHIR_CLIENT_ID": "gw",
+      "GATEWAY_FHIR_CLIENT_SECRET": "x", "GATEWAY_FHIR_CLIENT_SECRET_FILE": "/etc/hostname"},
+     "fhir.client_secret_file"),
+    ({"GATEWAY_FHIR_AUTH": "client_credentials", "GATEWAY_FHIR_CLIENT_ID": "gw",
+      "GATEWAY_FHIR_CLIENT_SECRET_FILE": "/no/such/secret"}, "fhir.client_secret_file"),
+    ({"GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_AUTH_METHOD": "client_secret_basic",
+      "GATEWAY_FHIR_CLIENT_SECRET": "x"}, "fhir.auth_method"),
+    ({"GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_KEY_ID": "k"}, "fhir.private_key_file"),
+    ({"GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_PRIVATE_KEY_FILE": "ec384"}, "fhir.key_id"),
+    ({"GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_KEY_ID": "k",
+      "GATEWAY_FHIR_PRIVATE_KEY_FILE": "garbage"}, "fhir.private_key_file"),
+    ({"GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_KEY_ID": "k",
+      "GATEWAY_FHIR_PRIVATE_KEY_FILE": "ec256"}, "fhir.private_key_file"),
+    ({"GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_KEY_ID": "k",
+      "GATEWAY_FHIR_PRIVATE_KEY_FILE": "ec384", "GATEWAY_FHIR_ALGORITHM": "RS384"},
+     "fhir.algorithm"),
+    ({"GATEWAY_FHIR_CLIENT_ID": "gw", "GATEWAY_FHIR_KEY_ID": "k",
+      "GATEWAY_FHIR_PRIVATE_KEY": "not a key"}, "fhir.private_key"),
+    ({"GATEWAY_FHIR_AUTH": "none", "GATEWAY_FHIR_CA_BUNDLE": "/no/such/ca.pem"},
+     "fhir.ca_bundle"),
+]
+
+
+@pytest.mark.parametrize("variables, key", BAD_FHIR,
+                         ids=[f"{k}:{'+'.join(v).removeprefix('GATEWAY_FHIR_')}"
+                              for v, k in BAD_FHIR])
+def test_a_bad_fhir_setting_names_its_key_in_one_line(
+        variables: dict[str, str], key: str, pem_keys: dict[str, Path]) -> None:
+    environ = {**FHIR_ON, **{name: str(pem_keys.get(value, value))
+                             for name, value in variables.items()}}
+    with pytest.raises(ConfigError) as error:
+        load_settings(environ=environ)
+    message = str(error.value)
+    assert re.match(rf"{re.escape(key)}\b", message), message
+    assert "\n" not in message
+    assert "BEGIN" not in message and "s3cret" not in message

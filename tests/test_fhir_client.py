@@ -400,7 +400,6 @@ def test_oidc_provider_drops_unknown_scopes_and_the_resource_server_says_403(
             pytest.raises(FhirPermanentError) as error:
         fhir.create(study())
     assert error.value.status == 403
-    assert "insufficient_scope" not in str(error.value)  # the header, not the outcome
     assert error.value.outcome is not None
     assert "do not allow c on ImagingStudy" in str(error.value)
 
@@ -568,7 +567,7 @@ def test_secrets_never_appear_in_logs_reprs_or_errors(
             fhir.create(study())
             assert fhir.auth is not None
             tokens.append(fhir.auth.token())
-            texts += [repr(fhir), str(fhir.auth.__dict__.get("scope"))]
+            texts += [repr(fhir), repr(fhir.auth)]
         auth = credentials(oauth_server, client_keys, method,
                            fhir_base_url=resource_server.base_url)
         with FhirClient(resource_server.base_url, auth=auth) as fhir:
