@@ -102,6 +102,19 @@ def _certificate_problem(exc: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
+def _transport_error(method: str, url: str, exc: requests.RequestException,
+                     timeout: float) -> FhirError:
+    what = f"{method} {_where(url)}"
+    if isinstance(exc, requests.exceptions.SSLError) and _certificate_problem(exc):
+        return FhirAuthError(f"{what}: the server's TLS certificate is not trusted (set "
+                             "fhir.ca_bundle to the CA that issued it)")
+    if isinstance(exc, requests.Timeout):
+        return FhirTransientError(f"{what}: no answer within {timeout:g} s")
+    if isinstance(exc, requests.ConnectionError):
+        return FhirTransientError(f"{what}: cannot connect")
+    return FhirTransientError(f"{what}: {type(exc).__name__}")
+
+
 def _send(session: requests.Session, method: str, url: str, *, timeout: float,
           verify: bool | str, **kwargs: Any) -> requests.Response:
     """One HTTP exchange; transport failures become :class:`FhirError`."""
@@ -469,19 +482,6 @@ def token_url_from_capabilities(statement: Mapping[str, Any]) -> str | None:
                     if item.get("url") == "token" and isinstance(item.get("valueUri"), str):
                         return cast(str, item["valueUri"])
     return None
-
-
-def _transport_error(method: str, url: str, exc: requests.RequestException,
-                     timeout: float) -> FhirError:
-    what = f"{method} {_where(url)}"
-    if isinstance(exc, requests.exceptions.SSLError) and _certificate_problem(exc):
-        return FhirAuthError(f"{what}: the server's TLS certificate is not trusted (set "
-                             "fhir.ca_bundle to the CA that issued it)")
-    if isinstance(exc, requests.Timeout):
-        return FhirTransientError(f"{what}: no answer within {timeout:g} s")
-    if isinstance(exc, requests.ConnectionError):
-        return FhirTransientError(f"{what}: cannot connect")
-    return FhirTransientError(f"{what}: {type(exc).__name__}")
 
 
 # -- the FHIR client ------------------------------------------------------------------------------

@@ -423,6 +423,28 @@ def test_a_token_endpoint_that_is_down_or_failing_is_transient(
     assert refused.value.status == 400
 
 
+def test_a_valid_token_outlives_a_token_endpoint_outage(failing: FailureServer,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Renewal starts a minute early: if the token endpoint is down then, the current token is
+    used until it really expires; only then does the outage become a transient error."""
+    failing.answers = [Answer(200, {"Content-Type": "application/json"},
+                              {"access_token": "first", "token_type": "Bearer",
+                               "expires_in": 300}),
+                       Answer(503, {"Retry-After": "30"})]
+    clock = FakeClock()
+    auth = ClientCredentials("c", method="client_secret_basic", client_secret=Secret("s"),
+                             token_url=failing.url + "/token", clock=clock)
+    assert auth.token() == "first"
+    clock.now += 250  # due for renewal, not expired
+    with caplog.at_level(logging.WARNING, logger="gateway.fhir_client"):
+        assert auth.token() == "first"
+    assert "token endpoint unavailable" in caplog.text
+    clock.now += 60  # expired now
+    with pytest.raises(FhirTransientError) as error:
+        auth.token()
+    assert error.value.retry_after == 30
+
+
 def test_a_stopped_fhir_server_is_transient(sekmet: Sekmet, client_keys: ClientKeys) -> None:
     with sekmet_client(sekmet, client_keys, "client_secret_basic") as fhir:
         created = fhir.create(study())
