@@ -1,490 +1,49 @@
-"""A small FHIR REST client with OAuth2 client credentials (SMART Backend Services).
+"""A small FHIR REST client (FHIR R4 http.html) over a :class:`requests.Session`.
 
-Two classes:
+:class:`FhirClient` offers ``read``, ``search`` (+ ``search_all`` over ``next`` links, asking
+only for the elements given), ``create`` (``If-None-Exist``), ``update`` (by id or conditional,
+``If-Match``), ``delete``, ``transaction`` and ``capabilities``. With a
+:class:`~gateway.oauth_client.ClientCredentials` it sends a bearer token with every request; a
+401 renews the token once and repeats the request once.
 
-:class:`ClientCredentials`
-    Gets access tokens from an OAuth2 token endpoint with the client credentials grant
-    (RFC 6749 §4.4) through authlib, authenticating the client with ``client_secret_basic``,
-    ``client_secret_post`` (RFC 6749 §2.3.1) or ``private_key_jwt`` (RFC 7523 §2.2, as SMART
-    Backend Services profiles it). The token endpoint is configured or discovered from
-    ``{fhir}/.well-known/smart-configuration``. Tokens are cached and renewed before they
-    expire; one lock makes the cache safe for several publisher threads, and only one of them
-    fetches at a time.
+Failures raise the :class:`~gateway.errors.FhirError` tree (see :mod:`gateway.fhir_http`):
+:class:`FhirTransientError` (no connection, timeout, 408, 429, 5xx, token endpoint unreachable;
+``retry_after`` parsed) to back off on, :class:`FhirPermanentError` (other 4xx, with ``status``
+and the server's OperationOutcome) to dead-letter, and its subclass :class:`FhirAuthError` (the
+token endpoint refused the client: ``oauth_error`` = ``invalid_client``, ``invalid_scope``…; a
+fresh token still got 401; the TLS certificate is not trusted), which concerns every request.
 
-:class:`FhirClient`
-    The FHIR RESTful API (FHIR R4 http.html) over a :class:`requests.Session`: ``read``,
-    ``search`` (+ ``search_all`` over ``next`` links), ``create`` (``If-None-Exist``),
-    ``update`` (by id or conditional, ``If-Match``), ``delete``, ``transaction`` and
-    ``capabilities``. A 401 renews the token once and repeats the request once.
-
-Failures raise the :class:`~gateway.errors.FhirError` tree: :class:`FhirTransientError`
-(no connection, timeout, 408, 429, 5xx, token endpoint unreachable; ``retry_after`` parsed) or
-:class:`FhirPermanentError` (other 4xx, with ``status`` and the server's OperationOutcome),
-whose subclass :class:`FhirAuthError` means the token endpoint refused the client (``oauth_error``
-= ``invalid_client``, ``invalid_scope``…), a fresh token still got 401, or the TLS certificate is
-not trusted.
-
-Secrets (client secret, private key, access tokens, assertions) never appear in a repr, a log
-line or an exception message; messages name the method and the URL path, never its query (which
-may carry patient identifiers). TLS is always verified, against ``ca_bundle`` when given (passed
-on every request, so ``REQUESTS_CA_BUNDLE`` cannot override it). Every request has a timeout.
+TLS is always verified, against ``ca_bundle`` when given. Every request has a timeout.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import ssl
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import requests
-from authlib.common.errors import AuthlibBaseError
-from authlib.integrations.requests_client import OAuth2Session
-from joserfc import jwt
 
-from gateway.credentials import Secret, load_signing_key
-from gateway.errors import FhirAuthError, FhirError, FhirPermanentError, FhirTransientError
+from gateway.errors import FhirAuthError, FhirPermanentError
+from gateway.fhir_http import FHIR_JSON, http_error, json_object, origin, send, where
+from gateway.fhir_http import parse_retry_after as parse_retry_after
+from gateway.oauth_client import AuthMethod, ClientCredentials
+from gateway.oauth_client import token_url_from_capabilities as token_url_from_capabilities
+
+__all__ = ["ClientCredentials", "FhirClient", "Params", "WriteResult", "parse_retry_after",
+           "token_url_from_capabilities"]
 
 log = logging.getLogger(__name__)
 
-FHIR_JSON: Final = "application/fhir+json"
-#: RFC 7523 §2.2: ``client_assertion_type`` of a JWT client assertion.
-ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-#: Seconds a client assertion is valid. SMART: ``exp`` "no more than five minutes in the
-#: future"; a minute less leaves room for clocks that differ a little.
-ASSERTION_LIFETIME: Final = 240
-#: Assumed lifetime when a token response has no ``expires_in`` (SMART recommends ≤ 300 s).
-DEFAULT_TOKEN_LIFETIME: Final = 300.0
-#: A token is renewed this long before it expires, or after 4/5 of a shorter lifetime.
-RENEW_MARGIN: Final = 60.0
-
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
 #: Search parameters: a mapping (a list value repeats the parameter) or ``(name, value)`` pairs;
 #: where ``str`` is also accepted, a query string (``identifier=urn:dicom:uid|urn:oid:1.2``).
 Params = Mapping[str, str | Sequence[str]] | Sequence[tuple[str, str]]
 
 
-# -- transport ------------------------------------------------------------------------------------
-def _where(url: str) -> str:
-    """The URL without its query: what messages may show."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port
-
-
-def _certificate_problem(exc: BaseException) -> bool:
-    """Whether a TLS failure is the certificate itself (untrusted, expired, wrong host)."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        item = todo.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, ssl.SSLCertVerificationError):
-            return True
-        if isinstance(item, BaseException):
-            todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None),
-                         *item.args])
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
-
-
-def _transport_error(method: str, url: str, exc: requests.RequestException,
-                     timeout: float) -> FhirError:
-    what = f"{method} {_where(url)}"
-    if isinstance(exc, requests.exceptions.SSLError) and _certificate_problem(exc):
-        return FhirAuthError(f"{what}: the server's TLS certificate is not trusted (set "
-                             "fhir.ca_bundle to the CA that issued it)")
-    if isinstance(exc, requests.Timeout):
-        return FhirTransientError(f"{what}: no answer within {timeout:g} s")
-    if isinstance(exc, requests.ConnectionError):
-        return FhirTransientError(f"{what}: cannot connect")
-    return FhirTransientError(f"{what}: {type(exc).__name__}")
-
-
-def _send(session: requests.Session, method: str, url: str, *, timeout: float,
-          verify: bool | str, **kwargs: Any) -> requests.Response:
-    """One HTTP exchange; transport failures become :class:`FhirError`."""
-    try:
-        return session.request(method, url, timeout=timeout, verify=verify,
-                               allow_redirects=method == "GET", **kwargs)
-    except requests.RequestException as exc:
-        raise _transport_error(method, url, exc, timeout) from exc
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3): delay-seconds or an
-    HTTP-date; ``None`` when absent or unreadable."""
-    if value is None:
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        moment = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:  # RFC 9110 dates are always GMT
-        return None
-    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
-
-
-def _outcome(response: requests.Response) -> dict[str, Any] | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-        return body
-    return None
-
-
-def _outcome_summary(outcome: dict[str, Any] | None) -> str:
-    if not outcome:
-        return ""
-    parts = []
-    for issue in outcome.get("issue", [])[:3]:
-        if not isinstance(issue, dict):
-            continue
-        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
-        parts.append(f"{issue.get('code', '?')}: {str(text)[:200]}" if text
-                     else str(issue.get("code", "?")))
-    return "; ".join(parts)
-
-
-def _http_error(method: str, url: str, response: requests.Response) -> FhirError:
-    """The :class:`FhirError` for a non-success answer (FHIR R4 http.html §3.1.0.4)."""
-    status = response.status_code
-    outcome = _outcome(response)
-    summary = _outcome_summary(outcome)
-    message = f"{method} {_where(url)}: HTTP {status}" + (f" ({summary})" if summary else "")
-    if status in (408, 429) or status >= 500:
-        return FhirTransientError(message, status=status, outcome=outcome,
-                                  retry_after=parse_retry_after(response.headers.get("Retry-After")))
-    if status == 401:
-        return FhirAuthError(message, status=status, outcome=outcome)
-    return FhirPermanentError(message, status=status, outcome=outcome)
-
-
-def _json_object(method: str, url: str, response: requests.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise FhirPermanentError(f"{method} {_where(url)}: HTTP {response.status_code} answer is "
-                                 "not a JSON object", status=response.status_code)
-    return body
-
-
-# -- tokens ---------------------------------------------------------------------------------------
-@dataclass
-class _Token:
-    value: str
-    expires_at: float  # on the client's monotonic clock
-    renew_at: float
-    scope: str | None
-
-
-class ClientCredentials:
-    """Access tokens from an OAuth2 token endpoint (client credentials grant, RFC 6749 §4.4).
-
-    Parameters
-    ----------
-    client_id
-        The client id registered at the authorization server.
-    method
-        Client authentication at the token endpoint: ``client_secret_basic`` or
-        ``client_secret_post`` (RFC 6749 §2.3.1, with ``client_secret``), or ``private_key_jwt``
-        (RFC 7523 §2.2 with ``private_key`` and ``key_id``, per SMART App Launch 2.x
-        "Client Authentication: Asymmetric": header ``alg`` RS384/ES384, ``kid``, ``typ`` JWT;
-        claims ``iss`` = ``sub`` = client id, ``aud`` = token endpoint URL, ``exp`` at most
-        five minutes ahead, a fresh ``jti`` each time).
-    client_secret, private_key
-        The credential for ``method``; kept in :class:`~gateway.credentials.Secret`.
-    key_id, algorithm
-        ``kid`` of the registered public key; ``RS384``/``ES384`` (``None``: fits the key).
-    scope
-        Space-separated scopes requested with every token (SMART scopes, e.g.
-        ``system/ImagingStudy.crus``).
-    token_url
-        The token endpoint; ``None`` discovers it from ``fhir_base_url``.
-    fhir_base_url
-        The FHIR server whose ``.well-known/smart-configuration`` names the token endpoint.
-    verify
-        ``True`` (system CAs) or the path of a CA bundle (PEM).
-    timeout
-        Seconds for every discovery and token request.
-    clock
-        Monotonic seconds; tests replace it to let a cached token expire.
-    """
-
-    def __init__(self, client_id: str, *, method: AuthMethod = "private_key_jwt",
-                 client_secret: Secret | None = None, private_key: Secret | None = None,
-                 key_id: str | None = None, algorithm: str | None = None, scope: str = "",
-                 token_url: str | None = None, fhir_base_url: str | None = None,
-                 verify: bool | str = True, timeout: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if not client_id:
-            raise ValueError("client_id is required")
-        if token_url is None and fhir_base_url is None:
-            raise ValueError("either token_url or fhir_base_url (for discovery) is required")
-        self.client_id = client_id
-        self.method: AuthMethod = method
-        self.scope = scope
-        self._token_url = token_url
-        self._fhir_base_url = fhir_base_url.rstrip("/") if fhir_base_url else None
-        self._verify = verify
-        self._timeout = timeout
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._token: _Token | None = None
-        #: How many tokens were fetched: for metrics (and tests).
-        self.fetches = 0
-        auth_method: Any
-        if method == "private_key_jwt":
-            if private_key is None or not key_id:
-                raise ValueError("private_key_jwt needs private_key and key_id")
-            self._key, self.algorithm = load_signing_key(private_key, algorithm)
-            self.key_id: str | None = key_id
-            secret = None
-            auth_method = self._authenticate_with_assertion
-        elif method in ("client_secret_basic", "client_secret_post"):
-            if client_secret is None:
-                raise ValueError(f"{method} needs client_secret")
-            self.key_id = None
-            secret = client_secret.reveal()
-            auth_method = method
-        else:
-            raise ValueError(f"unknown client authentication method {method!r}")
-        self._oauth = OAuth2Session(client_id, secret, token_endpoint_auth_method=auth_method,
-                                    scope=scope or None)
-        self._oauth.register_compliance_hook("access_token_response", self._check_response)
-
-    def __repr__(self) -> str:
-        return (f"ClientCredentials(client_id={self.client_id!r}, method={self.method!r}, "
-                f"token_url={self._token_url!r}, scope={self.scope!r})")
-
-    def close(self) -> None:
-        self._oauth.close()
-
-    # -- the token ---------------------------------------------------------------------------
-    def token(self) -> str:
-        """A valid access token: the cached one, or a new one fetched under the lock.
-
-        Raises
-        ------
-        FhirAuthError
-            The token endpoint refused the client (RFC 6749 §5.2 ``invalid_client``,
-            ``invalid_scope``…), or none of the requested scopes was granted.
-        FhirTransientError
-            The token endpoint (or discovery) is unreachable, slow or failing. A token that is
-            due for renewal but not yet expired is still returned then.
-        """
-        with self._lock:
-            now = self._clock()
-            current = self._token
-            if current is not None and now < current.renew_at:
-                return current.value
-            try:
-                self._token = self._fetch()
-            except FhirTransientError:
-                if current is None or now >= current.expires_at:
-                    raise
-                # Still valid: keep using it and try again a little later.
-                current.renew_at = now + min(10.0, (current.expires_at - now) / 2)
-                log.warning("token endpoint unavailable; using the current token for up to "
-                            "%.0f s more", current.expires_at - now)
-                return current.value
-            return self._token.value
-
-    def invalidate(self, token: str) -> None:
-        """Forget ``token`` (the FHIR server refused it), unless another thread already
-        replaced it."""
-        with self._lock:
-            if self._token is not None and self._token.value == token:
-                self._token = None
-
-    @property
-    def granted_scope(self) -> str | None:
-        """The scopes of the current token as the server reported them (``None``: not said,
-        which RFC 6749 §5.1 means "as requested")."""
-        return self._token.scope if self._token else None
-
-    @property
-    def token_url(self) -> str:
-        """The token endpoint, discovered on first use when not configured.
-
-        Raises
-        ------
-        FhirAuthError
-            The FHIR server advertises no token endpoint.
-        FhirTransientError
-            Discovery failed for now.
-        """
-        if self._token_url is None:
-            self._token_url = self._discover()
-        return self._token_url
-
-    def _fetch(self) -> _Token:
-        url = self.token_url
-        started = self._clock()
-        try:
-            raw = self._oauth.fetch_token(url, grant_type="client_credentials",
-                                          timeout=self._timeout, verify=self._verify)
-        except FhirError:
-            raise
-        except AuthlibBaseError as exc:  # an "error" member in a 2xx answer
-            raise FhirAuthError(f"token endpoint {_where(url)} refused client "
-                                f"{self.client_id!r}: {exc.error}: {exc.description}",
-                                oauth_error=str(exc.error)) from None
-        except requests.RequestException as exc:
-            raise _transport_error("POST", url, exc, self._timeout) from exc
-        token = cast(Mapping[str, Any], raw)
-        value = token.get("access_token")
-        if not isinstance(value, str) or not value:
-            raise FhirAuthError(f"token endpoint {_where(url)} answered without an access_token")
-        if str(token.get("token_type", "bearer")).lower() != "bearer":
-            raise FhirAuthError(f"token endpoint {_where(url)} issued a "
-                                f"{token.get('token_type')!r} token; only bearer is supported")
-        scope = token.get("scope")
-        self._check_scope(url, scope if isinstance(scope, str) else None)
-        try:
-            lifetime = max(1.0, float(token.get("expires_in", DEFAULT_TOKEN_LIFETIME)))
-        except (TypeError, ValueError):
-            lifetime = DEFAULT_TOKEN_LIFETIME
-        self.fetches += 1
-        log.info("access token for client %s from %s: expires in %.0f s, scope %s",
-                 self.client_id, _where(url), lifetime, scope if scope is not None else "as asked")
-        margin = min(RENEW_MARGIN, lifetime / 5)
-        return _Token(value, started + lifetime, started + lifetime - margin,
-                      scope if isinstance(scope, str) else None)
-
-    def _check_scope(self, url: str, granted: str | None) -> None:
-        """RFC 6749 §3.3: the server may grant fewer scopes than asked. None at all makes the
-        token useless, which some servers (oidc-provider drops unknown scopes) do silently."""
-        if granted is None or not self.scope:
-            return
-        asked, got = self.scope.split(), set(granted.split())
-        missing = [s for s in asked if s not in got]
-        if len(missing) == len(asked):
-            raise FhirAuthError(f"token endpoint {_where(url)} granted none of the requested "
-                                f"scopes ({self.scope}); granted: {granted or 'nothing'}",
-                                oauth_error="invalid_scope")
-        if missing:
-            log.warning("token endpoint %s did not grant the scopes %s", _where(url),
-                        " ".join(missing))
-
-    def _check_response(self, response: requests.Response) -> requests.Response:
-        """authlib hook on the token endpoint's answer: classify failures (RFC 6749 §5.2)."""
-        status = response.status_code
-        url = response.request.url or ""
-        if status < 400:
-            return response
-        if status in (408, 429) or status >= 500:
-            raise FhirTransientError(
-                f"token endpoint {_where(url)}: HTTP {status}", status=status,
-                retry_after=parse_retry_after(response.headers.get("Retry-After")))
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if isinstance(body, dict) and isinstance(body.get("error"), str):
-            description = body.get("error_description")
-            raise FhirAuthError(
-                f"token endpoint {_where(url)} refused client {self.client_id!r}: "
-                f"{body['error']}" + (f": {description}" if description else ""),
-                status=status, oauth_error=body["error"])
-        raise FhirAuthError(f"token endpoint {_where(url)}: HTTP {status}", status=status)
-
-    def _authenticate_with_assertion(self, client: Any, method: str, uri: str,
-                                     headers: Any, body: str) -> tuple[str, Any, str]:
-        """authlib client-auth hook for ``private_key_jwt``: adds a fresh assertion."""
-        extra = urlencode({"client_assertion_type": ASSERTION_TYPE,
-                           "client_assertion": self.client_assertion(uri)})
-        return uri, headers, f"{body}&{extra}" if body else extra
-
-    def client_assertion(self, audience: str) -> str:
-        """A signed client assertion for the token endpoint ``audience``.
-
-        SMART App Launch 2.x "Client Authentication: Asymmetric" and RFC 7523 §3: header
-        ``alg`` (RS384/ES384), ``kid`` and ``typ``; claims ``iss`` = ``sub`` = client id,
-        ``aud`` = the token endpoint URL, ``exp`` ≤ 5 minutes ahead, a new ``jti`` each call
-        (servers reject a replayed one).
-        """
-        if self.key_id is None:
-            raise ValueError("client assertions need private_key_jwt")
-        now = int(time.time())
-        header = {"alg": self.algorithm, "kid": self.key_id, "typ": "JWT"}
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": audience, "iat": now,
-                  "exp": now + ASSERTION_LIFETIME, "jti": uuid.uuid4().hex}
-        return jwt.encode(header, claims, self._key, algorithms=[self.algorithm])
-
-    # -- discovery ---------------------------------------------------------------------------
-    def _discover(self) -> str:
-        """The token endpoint from ``{fhir}/.well-known/smart-configuration`` (SMART App Launch
-        2.x conformance.html), else from the CapabilityStatement's deprecated ``oauth-uris``
-        extension."""
-        base = cast(str, self._fhir_base_url)
-        url = f"{base}/.well-known/smart-configuration"
-        with requests.Session() as session:
-            response = _send(session, "GET", url, timeout=self._timeout, verify=self._verify,
-                             headers={"Accept": "application/json"})
-            found: str | None = None
-            if response.status_code < 400:
-                body = _json_object("GET", url, response)
-                endpoint = body.get("token_endpoint")
-                found = endpoint if isinstance(endpoint, str) and endpoint else None
-                methods = body.get("token_endpoint_auth_methods_supported")
-                if isinstance(methods, list) and methods and self.method not in methods:
-                    log.warning("%s does not list %s among its client authentication methods "
-                                "(%s)", _where(url), self.method, ", ".join(map(str, methods)))
-            elif response.status_code in (408, 429) or response.status_code >= 500:
-                raise _http_error("GET", url, response)
-            if found is None:
-                metadata = f"{base}/metadata"
-                response = _send(session, "GET", metadata, timeout=self._timeout,
-                                 verify=self._verify, headers={"Accept": FHIR_JSON})
-                if response.status_code >= 400:
-                    raise _http_error("GET", metadata, response)
-                found = token_url_from_capabilities(_json_object("GET", metadata, response))
-        if found is None:
-            raise FhirAuthError(f"{_where(url)} names no token_endpoint, nor does the "
-                                "CapabilityStatement: set fhir.token_url")
-        if base.startswith("https:") and not found.startswith("https:"):
-            raise FhirAuthError(f"discovered token endpoint {_where(found)} is not https: "
-                                "refusing to send credentials there")
-        log.info("token endpoint discovered: %s", _where(found))
-        return found
-
-
-def token_url_from_capabilities(statement: Mapping[str, Any]) -> str | None:
-    """The ``token`` URI of the ``oauth-uris`` extension in ``rest[].security`` of a
-    CapabilityStatement (the SMART 1.0 way, deprecated in 2.x but still served)."""
-    for rest in statement.get("rest") or []:
-        security = rest.get("security") or {} if isinstance(rest, dict) else {}
-        for extension in security.get("extension") or []:
-            if extension.get("url", "").endswith("/StructureDefinition/oauth-uris"):
-                for item in extension.get("extension") or []:
-                    if item.get("url") == "token" and isinstance(item.get("valueUri"), str):
-                        return cast(str, item["valueUri"])
-    return None
-
-
-# -- the FHIR client ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WriteResult:
     """What a create or update answered (FHIR R4 http.html §3.1.0.4, §3.1.0.7).
@@ -651,7 +210,7 @@ class FhirClient:
     def capabilities(self) -> dict[str, Any]:
         """The server's CapabilityStatement (``GET [base]/metadata``, http.html §3.1.0.13)."""
         url = f"{self.base_url}/metadata"
-        return _json_object("GET", url, self._request("GET", url))
+        return json_object("GET", url, self._request("GET", url))
 
     def check_version(self) -> str:
         """The server's ``fhirVersion``, checked against :attr:`version`.
@@ -680,7 +239,7 @@ class FhirClient:
         """
         url = f"{self.base_url}/{resource_type}/{_check_id(resource_id)}"
         params = [("_elements", ",".join(elements))] if elements else None
-        return _json_object("GET", url, self._request("GET", url, params=params))
+        return json_object("GET", url, self._request("GET", url, params=params))
 
     def search(self, resource_type: str, params: Params | str | None = None, *,
                elements: Sequence[str] | None = None, count: int | None = None
@@ -728,9 +287,9 @@ class FhirClient:
             if not following or not isinstance(following[0], str):
                 return
             url = following[0]
-            if _origin(url) != _origin(self.base_url):
+            if origin(url) != origin(self.base_url):
                 raise FhirPermanentError(f"search {resource_type}: next link leads to another "
-                                         f"server ({_where(url)}); not following it")
+                                         f"server ({where(url)}); not following it")
             if url in seen:
                 raise FhirPermanentError(f"search {resource_type}: next link repeats itself")
             seen.add(url)
@@ -802,16 +361,16 @@ class FhirClient:
         url = self.base_url
         response = self._request("POST", url, body=bundle,
                                  headers={"Prefer": "return=representation"})
-        return _json_object("POST", url, response)
+        return json_object("POST", url, response)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _bundle(self, url: str) -> dict[str, Any]:
         # handling=strict: an unknown parameter is an error, never silently ignored (which
         # would widen the search; FHIR R4 search.html §3.1.1.1.2).
         response = self._request("GET", url, headers={"Prefer": "handling=strict"})
-        body = _json_object("GET", url, response)
+        body = json_object("GET", url, response)
         if body.get("resourceType") != "Bundle":
-            raise FhirPermanentError(f"GET {_where(url)}: answer is not a Bundle")
+            raise FhirPermanentError(f"GET {where(url)}: answer is not a Bundle")
         return body
 
     def _write(self, method: str, url: str, resource: Mapping[str, Any],
@@ -836,24 +395,24 @@ class FhirClient:
             data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             all_headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
 
-        def send() -> tuple[requests.Response, str | None]:
+        def attempt() -> tuple[requests.Response, str | None]:
             token = self.auth.token() if self.auth is not None else None
             if token is not None:
                 all_headers["Authorization"] = f"Bearer {token}"
-            response = _send(self._session, method, url, timeout=self.timeout,
+            response = send(self._session, method, url, timeout=self.timeout,
                              verify=self._verify, params=params, data=data, headers=all_headers)
-            log.debug("%s %s -> %s", method, _where(url), response.status_code)
+            log.debug("%s %s -> %s", method, where(url), response.status_code)
             return response, token
 
-        response, token = send()
+        response, token = attempt()
         if response.status_code == 401 and self.auth is not None and token is not None:
             # The token expired early or was revoked (RFC 6750 §3.1 invalid_token): renew it
             # and try once more; a second 401 is an authentication failure.
             log.info("%s %s: 401 with a cached token; renewing it and retrying once",
-                     method, _where(url))
+                     method, where(url))
             response.close()
             self.auth.invalidate(token)
-            response, token = send()
+            response, token = attempt()
         if response.status_code >= 300 and response.status_code != 304:
-            raise _http_error(method, url, response)
+            raise http_error(method, url, response)
         return response

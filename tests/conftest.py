@@ -22,8 +22,15 @@ from pathlib import Path
 import pytest
 import requests
 
-# Real FHIR and OAuth2 servers (session fixtures): sekmet, oauth_server, resource_server...
-from fhir_servers import client_keys, oauth_server, resource_server, sekmet  # noqa: F401
+# Real FHIR and OAuth2 servers (session fixtures), a client of sekmet, failure injection
+from fhir_servers import (  # noqa: F401
+    client_keys,
+    failing,
+    oauth_server,
+    resource_server,
+    sekmet,
+    sekmet_fhir,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

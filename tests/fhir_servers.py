@@ -14,6 +14,11 @@
   sekmet, rewriting sekmet's URLs to its own. It also serves a smart-configuration naming
   oidc-provider's token endpoint.
 
+Also here, for tests of anything that talks FHIR: :func:`study` (a minimal ImagingStudy),
+:func:`credentials` / :func:`sekmet_client` (the test client as registered at each server), and
+:class:`FailureServer` (fixture ``failing``), a tiny HTTP server for failure injection only
+(429/503 with Retry-After, 401 forever, no answer in time, a token endpoint that records).
+
 Both servers are installed by ``scripts/test.sh`` (``install_sekmet`` and ``npm_install`` in
 ``scripts/_env.sh``) into the git-ignored ``.infra/``. Client keys (RSA 2048 for RS384, EC P-384
 for ES384) are generated per session and registered with both servers.
@@ -30,7 +35,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,6 +49,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from gateway.credentials import Secret
+from gateway.fhir_client import ClientCredentials, FhirClient
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / ".infra"
@@ -468,3 +475,139 @@ def oauth_server(tmp_path_factory: pytest.TempPathFactory, client_keys: ClientKe
     resource_server.trust(server)
     yield server
     server.stop()
+
+
+# -- resources and clients for these servers -------------------------------------------------------
+#: Scopes the tests ask for unless they need more (gateway.config's default, less ServiceRequest).
+SCOPE = "system/ImagingStudy.crus system/Endpoint.crus system/Patient.rs"
+#: For REST tests that delete, and for transactions: sekmet authorises a transaction
+#: (POST [base]) as "c" on every type ("*") rather than entry by entry.
+BROAD_SCOPE = "system/*.cruds"
+
+
+def study(uid: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A minimal valid R4 ImagingStudy with a fresh Study Instance UID identifier."""
+    uid = uid or f"2.25.{uuid.uuid4().int}"
+    return {"resourceType": "ImagingStudy", "status": "available",
+            "subject": {"reference": "Patient/example"},
+            "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}], **extra}
+
+
+def by_uid(resource: dict[str, Any]) -> str:
+    return f"identifier=urn:dicom:uid|{resource['identifier'][0]['value']}"
+
+
+class FakeClock:
+    """Monotonic time that tests move forward (no sleeping while a token ages)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def credentials(server: Sekmet | OAuthServer, keys: ClientKeys, method: str, *,
+                key: str = "rsa", scope: str = SCOPE, token_url: str | None = None,
+                fhir_base_url: str | None = None, verify: bool | str = True,
+                clock: Callable[[], float] = time.monotonic,
+                timeout: float = 30) -> ClientCredentials:
+    """Credentials of the test client for ``method`` as registered at ``server``."""
+    if method == "private_key_jwt":
+        pair = keys.rsa if key == "rsa" else keys.ec
+        # oidc-provider holds both keys for one client; sekmet one client per key type
+        client_id = EC_CLIENT if key == "ec" and isinstance(server, Sekmet) else JWT_CLIENT
+        return ClientCredentials(client_id, method="private_key_jwt", private_key=pair.pem,
+                                 key_id=pair.kid, algorithm=pair.algorithm, scope=scope,
+                                 token_url=token_url, fhir_base_url=fhir_base_url,
+                                 verify=verify, clock=clock, timeout=timeout)
+    if isinstance(server, Sekmet):
+        client_id, secret = SECRET_CLIENT, server.client_secret
+    elif method == "client_secret_post":
+        client_id, secret = POST_CLIENT, server.post_secret
+    else:
+        client_id, secret = SECRET_CLIENT, server.basic_secret
+    return ClientCredentials(client_id, method=method, client_secret=secret,  # type: ignore[arg-type]
+                             scope=scope, token_url=token_url, fhir_base_url=fhir_base_url,
+                             verify=verify, clock=clock, timeout=timeout)
+
+
+def sekmet_client(sekmet: Sekmet, keys: ClientKeys, method: str = "private_key_jwt",
+                  **kwargs: Any) -> FhirClient:
+    """A client of sekmet, discovering sekmet's token endpoint unless ``token_url`` is given."""
+    auth = credentials(sekmet, keys, method, fhir_base_url=sekmet.base_url,
+                       verify=str(sekmet.ca_file), **kwargs)
+    return FhirClient(sekmet.base_url, auth=auth, ca_bundle=str(sekmet.ca_file), timeout=30)
+
+
+
+
+@pytest.fixture
+def sekmet_fhir(sekmet: Sekmet, client_keys: ClientKeys) -> Iterator[FhirClient]:
+    """A FhirClient of sekmet with a SMART Backend Services token (private_key_jwt, RS384,
+    discovered token endpoint) and broad scopes."""
+    with sekmet_client(sekmet, client_keys, scope=BROAD_SCOPE) as made:
+        yield made
+
+# -- failure injection ----------------------------------------------------------------------------
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    delay: float = 0.0
+
+
+class FailureServer:
+    """Answers each request with the next queued :class:`Answer` (the last one repeats) and
+    records what it got. For failure injection only: the happy path runs on real servers."""
+
+    def __init__(self) -> None:
+        self.answers: list[Answer] = [Answer(503)]
+        self.received: list[tuple[str, str, dict[str, str], bytes]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def handle_any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                server.received.append((self.command, self.path, dict(self.headers.items()),
+                                        body))
+                answer = server.answers.pop(0) if len(server.answers) > 1 else server.answers[0]
+                if answer.delay:
+                    time.sleep(answer.delay)
+                content = b"" if answer.body is None else (
+                    answer.body if isinstance(answer.body, bytes) else
+                    json.dumps(answer.body).encode())
+                try:
+                    self.send_response(answer.status)
+                    for name, value in answer.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+            do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def failing() -> Iterator[FailureServer]:
+    server = FailureServer()
+    yield server
+    server.close()
