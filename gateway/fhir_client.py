@@ -400,7 +400,7 @@ class FhirClient:
             if token is not None:
                 all_headers["Authorization"] = f"Bearer {token}"
             response = send(self._session, method, url, timeout=self.timeout,
-                             verify=self._verify, params=params, data=data, headers=all_headers)
+                            verify=self._verify, params=params, data=data, headers=all_headers)
             log.debug("%s %s -> %s", method, where(url), response.status_code)
             return response, token
 

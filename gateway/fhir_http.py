@@ -37,6 +37,7 @@ def where(url: str) -> str:
 
 
 def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, for "same server" checks."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
@@ -60,7 +61,8 @@ def _certificate_problem(exc: BaseException) -> bool:
 
 
 def transport_error(method: str, url: str, exc: requests.RequestException,
-                     timeout: float) -> FhirError:
+                    timeout: float) -> FhirError:
+    """The :class:`FhirError` for a request that got no answer."""
     what = f"{method} {where(url)}"
     if isinstance(exc, requests.exceptions.SSLError) and _certificate_problem(exc):
         return FhirAuthError(f"{what}: the server's TLS certificate is not trusted (set "
@@ -73,7 +75,7 @@ def transport_error(method: str, url: str, exc: requests.RequestException,
 
 
 def send(session: requests.Session, method: str, url: str, *, timeout: float,
-          verify: bool | str, **kwargs: Any) -> requests.Response:
+         verify: bool | str, **kwargs: Any) -> requests.Response:
     """One HTTP exchange; transport failures become :class:`FhirError`."""
     try:
         return session.request(method, url, timeout=timeout, verify=verify,
@@ -137,6 +139,7 @@ def http_error(method: str, url: str, response: requests.Response) -> FhirError:
 
 
 def json_object(method: str, url: str, response: requests.Response) -> dict[str, Any]:
+    """The JSON object of a success answer; anything else is a permanent error."""
     try:
         body = response.json()
     except ValueError:

@@ -122,14 +122,15 @@ class ClientCredentials:
         if method == "private_key_jwt":
             if private_key is None or not key_id:
                 raise ValueError("private_key_jwt needs private_key and key_id")
-            self._key, self.algorithm = load_signing_key(private_key, algorithm)
+            self._key, signing = load_signing_key(private_key, algorithm)
+            self.algorithm: str | None = signing
             self.key_id: str | None = key_id
             secret = None
             auth_method = self._authenticate_with_assertion
         elif method in ("client_secret_basic", "client_secret_post"):
             if client_secret is None:
                 raise ValueError(f"{method} needs client_secret")
-            self.key_id = None
+            self.algorithm = self.key_id = None
             secret = client_secret.reveal()
             auth_method = method
         else:
@@ -289,7 +290,7 @@ class ClientCredentials:
         ``aud`` = the token endpoint URL, ``exp`` ≤ 5 minutes ahead, a new ``jti`` each call
         (servers reject a replayed one).
         """
-        if self.key_id is None:
+        if self.key_id is None or self.algorithm is None:
             raise ValueError("client assertions need private_key_jwt")
         now = int(time.time())
         header = {"alg": self.algorithm, "kid": self.key_id, "typ": "JWT"}
@@ -306,7 +307,7 @@ class ClientCredentials:
         url = f"{base}/.well-known/smart-configuration"
         with requests.Session() as session:
             response = send(session, "GET", url, timeout=self._timeout, verify=self._verify,
-                             headers={"Accept": "application/json"})
+                            headers={"Accept": "application/json"})
             found: str | None = None
             if response.status_code < 400:
                 body = json_object("GET", url, response)
@@ -321,7 +322,7 @@ class ClientCredentials:
             if found is None:
                 metadata = f"{base}/metadata"
                 response = send(session, "GET", metadata, timeout=self._timeout,
-                                 verify=self._verify, headers={"Accept": FHIR_JSON})
+                                verify=self._verify, headers={"Accept": FHIR_JSON})
                 if response.status_code >= 400:
                     raise http_error("GET", metadata, response)
                 found = token_url_from_capabilities(json_object("GET", metadata, response))
