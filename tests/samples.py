@@ -91,3 +91,37 @@ def fresh_copies(directory: Path, count: int, source: str = "CT_small.dcm") -> l
         ds.save_as(path)
         files.append(path)
     return files
+
+
+def synthetic_instance(directory: Path, **attributes: object) -> Path:
+    """A small Part 10 file (Secondary Capture, no pixel data) with the given attributes, by
+    keyword; a sequence is given as a list of dicts. UIDs not given are generated. Returns
+    the file's path (named by its SOP Instance UID)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    for keyword, value in attributes.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            items = []
+            for fields in value:
+                item = Dataset()
+                for sub_keyword, sub_value in fields.items():
+                    setattr(item, sub_keyword, sub_value)
+                items.append(item)
+            setattr(ds, keyword, items)
+        else:
+            setattr(ds, keyword, value)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    path = directory / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
