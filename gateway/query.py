@@ -187,6 +187,62 @@ class Match:
         return self.values.get(keyword)
 
 
+def vr_of(keyword: str) -> str:
+    """The VR the engine answers an attribute with."""
+    attr = ATTRIBUTES.get(keyword)
+    if attr is not None:
+        return attr.vr
+    if keyword in COMPUTED:
+        return COMPUTED[keyword][1]
+    return str(dictionary_VR(keyword))
+
+
+def json_value(keyword: str, value: Any) -> dict[str, Any]:
+    """One attribute as DICOM JSON (PS3.18 F.2): text split on ``\\`` into values, PN as
+    ``Alphabetic``/``Ideographic``/``Phonetic`` groups, IS/DS and binary integers as numbers,
+    sequences as kept. An unknown value is present with no ``Value`` (F.2.5)."""
+    vr = vr_of(keyword)
+    if isinstance(value, dict):  # a sequence (or any element) kept as DICOM JSON
+        return value
+    element: dict[str, Any] = {"vr": vr}
+    if value is None or value == "":
+        return element
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        element["Value"] = [value]
+        return element
+    parts = str(value).split("\\")
+    if vr == "PN":
+        element["Value"] = [
+            {group: text for group, text in zip(("Alphabetic", "Ideographic", "Phonetic"),
+                                                part.split("="), strict=False) if text}
+            for part in parts]
+    elif vr in {"IS", "US", "UL", "SS", "SL"}:
+        element["Value"] = [_number(p, int) for p in parts]
+    elif vr in {"DS", "FL", "FD"}:
+        element["Value"] = [_number(p, float) for p in parts]
+    else:
+        element["Value"] = parts
+    return element
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        number = kind(text)
+    except ValueError:
+        return text  # IS/DS may stay strings in DICOM JSON (F.2.3.1)
+    return int(number) if kind is float and float(number).is_integer() else number
+
+
+def to_dicom_json(match: Match, keywords: Iterable[str]) -> dict[str, Any]:
+    """A match as one DICOM JSON object (PS3.18 Annex F), keys in ascending tag order."""
+    found = {}
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        if tag is not None:
+            found[f"{int(tag):08X}"] = json_value(keyword, match[keyword])
+    return dict(sorted(found.items()))
+
+
 @dataclass
 class Result:
     matches: list[Match]
@@ -525,5 +581,5 @@ def conditions_from_pairs(pairs: Iterable[tuple[str, Sequence[str]]]) -> tuple[C
 
 
 __all__ = ["ATTRIBUTES", "LEVELS", "UNIQUE_KEYS", "Condition", "Match", "Query", "QueryError",
-           "Result", "attributes_at", "compile_query", "conditions_from_pairs", "keyword_of",
-           "run"]
+           "Result", "attributes_at", "compile_query", "conditions_from_pairs", "json_value",
+           "keyword_of", "run", "to_dicom_json", "vr_of"]

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from gateway import dicomweb
+from gateway import dicomweb, qido  # noqa: F401  (qido registers its routes on dicomweb.bp)
 from gateway.bootstrap import Services
 
 

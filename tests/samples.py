@@ -125,3 +125,39 @@ def synthetic_instance(directory: Path, **attributes: object) -> Path:
     path = directory / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+#: A small archive with known attributes for the query tests (C-FIND, QIDO-RS, the engine):
+#: three patients, three studies, four series, five instances.
+S1, S2, S3 = (f"1.2.826.0.1.3680043.10.1.{n}" for n in (1, 2, 3))
+SE_A, SE_B, SE_C, SE_D = (f"1.2.826.0.1.3680043.10.2.{n}" for n in (1, 2, 3, 4))
+
+ARCHIVE: list[dict[str, object]] = [
+    # Patient P1, study S1: a CT series of two images and an SR series.
+    *({"PatientID": "P1", "PatientName": "DOE^JOHN", "PatientBirthDate": "19700101",
+       "PatientSex": "M", "StudyInstanceUID": S1, "StudyDate": "20240315",
+       "StudyTime": "101500", "AccessionNumber": "ACC1", "StudyDescription": "CT CHEST",
+       "SeriesInstanceUID": SE_A, "Modality": "CT", "SeriesNumber": 1, "InstanceNumber": n}
+      for n in (1, 2)),
+    {"PatientID": "P1", "PatientName": "DOE^JOHN", "StudyInstanceUID": S1,
+     "StudyDate": "20240315", "StudyTime": "101500", "AccessionNumber": "ACC1",
+     "StudyDescription": "CT CHEST", "SeriesInstanceUID": SE_B, "Modality": "SR",
+     "SeriesNumber": 2, "InstanceNumber": 1},
+    # Patient P2, study S2: MR of the head, with request attributes.
+    {"PatientID": "P2", "PatientName": "Doe^Jane", "StudyInstanceUID": S2,
+     "StudyDate": "20231231", "StudyTime": "235959", "AccessionNumber": "ACC_2%",
+     "StudyDescription": "MR HEAD", "SeriesInstanceUID": SE_C, "Modality": "MR",
+     "SeriesNumber": 1, "BodyPartExamined": "HEAD", "InstanceNumber": 1,
+     "RequestAttributesSequence": [{"ScheduledProcedureStepID": "SPS9",
+                                    "RequestedProcedureID": "RP1"}]},
+    # Patient P3 (name sent with empty trailing components), study S3.
+    {"PatientID": "P3", "PatientName": "O'BRIEN^ANN^^^", "StudyInstanceUID": S3,
+     "StudyDate": "20250101", "StudyTime": "0800", "AccessionNumber": "A3",
+     "StudyDescription": "ct abdomen [contrast]", "SeriesInstanceUID": SE_D,
+     "Modality": "CT", "SeriesNumber": 1, "InstanceNumber": 1},
+]
+
+
+def write_archive(directory: Path) -> list[Path]:
+    """The files of :data:`ARCHIVE`, written to ``directory``."""
+    return [synthetic_instance(directory, **attributes) for attributes in ARCHIVE]

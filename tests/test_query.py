@@ -16,35 +16,7 @@ from gateway.bootstrap import Services, build_services
 from gateway.config import load_settings
 from gateway.query import Condition, Query, QueryError, conditions_from_pairs, run
 
-from samples import synthetic_instance
-
-S1, S2, S3 = (f"1.2.826.0.1.3680043.10.1.{n}" for n in (1, 2, 3))
-SE_A, SE_B, SE_C, SE_D = (f"1.2.826.0.1.3680043.10.2.{n}" for n in (1, 2, 3, 4))
-
-ARCHIVE: list[dict[str, object]] = [
-    # Patient P1, study S1: a CT series of two images and an SR series.
-    *({"PatientID": "P1", "PatientName": "DOE^JOHN", "PatientBirthDate": "19700101",
-       "PatientSex": "M", "StudyInstanceUID": S1, "StudyDate": "20240315",
-       "StudyTime": "101500", "AccessionNumber": "ACC1", "StudyDescription": "CT CHEST",
-       "SeriesInstanceUID": SE_A, "Modality": "CT", "SeriesNumber": 1, "InstanceNumber": n}
-      for n in (1, 2)),
-    {"PatientID": "P1", "PatientName": "DOE^JOHN", "StudyInstanceUID": S1,
-     "StudyDate": "20240315", "StudyTime": "101500", "AccessionNumber": "ACC1",
-     "StudyDescription": "CT CHEST", "SeriesInstanceUID": SE_B, "Modality": "SR",
-     "SeriesNumber": 2, "InstanceNumber": 1},
-    # Patient P2, study S2: MR of the head, with request attributes.
-    {"PatientID": "P2", "PatientName": "Doe^Jane", "StudyInstanceUID": S2,
-     "StudyDate": "20231231", "StudyTime": "235959", "AccessionNumber": "ACC_2%",
-     "StudyDescription": "MR HEAD", "SeriesInstanceUID": SE_C, "Modality": "MR",
-     "SeriesNumber": 1, "BodyPartExamined": "HEAD", "InstanceNumber": 1,
-     "RequestAttributesSequence": [{"ScheduledProcedureStepID": "SPS9",
-                                    "RequestedProcedureID": "RP1"}]},
-    # Patient P3 (name sent with empty trailing components), study S3.
-    {"PatientID": "P3", "PatientName": "O'BRIEN^ANN^^^", "StudyInstanceUID": S3,
-     "StudyDate": "20250101", "StudyTime": "0800", "AccessionNumber": "A3",
-     "StudyDescription": "ct abdomen [contrast]", "SeriesInstanceUID": SE_D,
-     "Modality": "CT", "SeriesNumber": 1, "InstanceNumber": 1},
-]
+from samples import ARCHIVE, S1, S2, S3, SE_A, SE_B, SE_C, synthetic_instance
 
 
 @pytest.fixture(scope="module")
