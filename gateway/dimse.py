@@ -1,4 +1,5 @@
-"""The DICOM network node (PS3.7/PS3.8 via pynetdicom): C-ECHO and C-STORE, translation only.
+"""The DICOM network node (PS3.7/PS3.8 via pynetdicom): C-ECHO and C-STORE here, C-FIND in
+:mod:`gateway.qr`; translation only.
 
 Every received data set is streamed by pynetdicom into a file in the storage's staging area
 (``STORE_RECV_CHUNKED_DATASET``: preamble, file meta, then the data set bytes exactly as they
@@ -25,7 +26,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messag
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway import reactor, receiver
+from gateway import qr, reactor, receiver
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.ingest import Ingest
@@ -123,7 +124,12 @@ class DimseNode:
             network_timeout=dimse["network_timeout"],
             maximum_associations=self.ae.maximum_associations,
         )
+        # Only storage and verification go to the lean receiver; everything added below is
+        # pynetdicom's to serve.
         self._served_here = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
+        self.find = qr.FindSCP(ingest.index, dimse["ae_title"])
+        for model in qr.MODEL_LEVELS:
+            self.ae.add_supported_context(model, [_EXPLICIT_LE, _IMPLICIT_LE])
 
     def _make_ae(self) -> AE:
         dimse = self.settings.dimse
@@ -145,6 +151,7 @@ class DimseNode:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self.find.handle),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),

@@ -70,9 +70,13 @@ class QueryError(ValueError):
     a key below the query level. The message says which key and why (QIDO-RS answers 400,
     C-FIND 0xA900 / 0xC000-class)."""
 
-    def __init__(self, message: str, *, keyword: str | None = None) -> None:
+    def __init__(self, message: str, *, keyword: str | None = None,
+                 unsupported: bool = False) -> None:
         super().__init__(message)
         self.keyword = keyword
+        #: True when the key is well-formed but not one this engine can match on (or not at
+        #: this level): C-FIND answers 0xA900 then, 0xC000 for a malformed value.
+        self.unsupported = unsupported
 
 
 @dataclass(frozen=True)
@@ -502,15 +506,16 @@ def compile_query(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[Cond
             if keyword in COMPUTED or keyword in _RETURN_ONLY:
                 if any(v not in ("", "*") for v in condition.values):
                     raise QueryError(f"{keyword} can be returned but not matched",
-                                     keyword=keyword)
+                                     keyword=keyword, unsupported=True)
                 continue
             if condition.items or any(v not in ("", "*") for v in condition.values):
                 raise QueryError(f"matching on {keyword} is not supported: the index does not "
-                                 f"keep it", keyword=keyword)
+                                 f"keep it", keyword=keyword, unsupported=True)
             continue
         if attr.level not in allowed:
             raise QueryError(f"{keyword} is a {attr.level.lower()}-level attribute; it cannot "
-                             f"be used in a {query.level.lower()}-level query", keyword=keyword)
+                             f"be used in a {query.level.lower()}-level query", keyword=keyword,
+                             unsupported=True)
         if attr.json_table is not None:
             if condition.items or any(v not in ("", "*") for v in condition.values):
                 python_side.append(condition)
