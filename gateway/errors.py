@@ -9,6 +9,7 @@
         │   └── StudyMismatch       0xC409: STOW-RS part whose Study UID differs from the URL
         ├── SOPClassMismatch        0xA900: data set SOP Class ≠ the negotiated/declared one
         ├── DuplicateInstance       0x0111: a different object with a stored SOP Instance UID
+        ├── RejectedInstance        0x0124: an instance an IOCM rejection note removed, sent again
         └── OutOfResources          0xA700: disk full, unwritable storage, index unavailable
 
 Each entry point maps these in one place: DIMSE returns ``status``; STOW-RS puts ``status`` in
@@ -60,6 +61,13 @@ class DuplicateInstance(StoreError):
     """A different object arrived with a SOP Instance UID already stored (PS3.7 C.4: 0x0111)."""
 
     status = 0x0111
+
+
+class RejectedInstance(StoreError):
+    """Refused: Not Authorized (PS3.7 C.4, 0x0124): the instance was rejected by an IOCM Key
+    Object Selection (wrong patient, quality, retention…) and must not come back."""
+
+    status = 0x0124
 
 
 class OutOfResources(StoreError):

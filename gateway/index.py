@@ -125,6 +125,16 @@ outbox = Table(
     Column("last_error", String),
     Column("updated_at", Float, nullable=False),
 )
+#: Instances rejected by an IOCM Key Object Selection (PS3.3 KOS titles 113001, 113037-113039):
+#: removed from the archive and refused if they are sent again.
+rejected = Table(
+    "rejected", metadata,
+    Column("SOPInstanceUID", String(64), primary_key=True),
+    Column("StudyInstanceUID", String(64), nullable=False),
+    Column("reason", String, nullable=False),  # the note's Concept Name code value
+    Column("note_uid", String(64), nullable=False),  # SOP Instance UID of the rejection note
+    Column("rejected_at", Float, nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -246,6 +256,7 @@ class Index:
     _stmt_study_state: Any
     _stmt_outbox: Any
     _stmt_study_counts: Any
+    _stmt_rejected: Any
 
     def __init__(self, url: str, *, quiet_seconds: float = 0.0) -> None:
         self.url = url
@@ -363,8 +374,10 @@ class Index:
                 ModalitiesInStudy=bindparam("modalities"),
                 SOPClassesInStudy=bindparam("classes"),
                 attributes=bindparam("merged", type_=JSON)))
+        self._stmt_rejected = select(rejected.c.reason, rejected.c.note_uid).where(
+            rejected.c.SOPInstanceUID == bindparam("sop"))
         for name in ("patient", "study", "series", "instance", "find", "old_series",
-                     "series_plus", "study_state", "outbox", "study_counts"):
+                     "series_plus", "study_state", "outbox", "study_counts", "rejected"):
             attribute = f"_stmt_{name}"
             setattr(self, attribute, _Prepared(getattr(self, attribute), self.engine.dialect,
                                                raw=self.is_sqlite))
@@ -483,6 +496,57 @@ class Index:
             ModalitiesInStudy="\\".join(sorted({r[0] for r in rows if r[0]})) or None,
             SOPClassesInStudy="\\".join(sorted(classes)) or None,
         ))
+
+    # -- removal ---------------------------------------------------------------------------------
+    def remove(self, conn: Connection, *, study_uid: str, series_uid: str | None = None,
+               sop_uids: list[str] | None = None, reason: str) -> list[StoredInstance]:
+        """Delete the index rows of a study, a series or some instances of a study, in
+        ``conn``'s transaction; counts follow, emptied series, studies and patients go, and
+        each touched study is queued for publishing with ``reason``. Returns what was removed
+        (the caller deletes the blobs once the transaction has committed)."""
+        stmt = (select(instance.c.SOPInstanceUID, study.c.StudyInstanceUID,
+                       series.c.SeriesInstanceUID, instance.c.SOPClassUID,
+                       instance.c.TransferSyntaxUID, instance.c.blob_key, instance.c.blob_size,
+                       instance.c.id, series.c.id, study.c.id, study.c.patient_id)
+                .select_from(instance.join(series).join(study))
+                .where(study.c.StudyInstanceUID == study_uid))
+        if series_uid is not None:
+            stmt = stmt.where(series.c.SeriesInstanceUID == series_uid)
+        if sop_uids is not None:
+            stmt = stmt.where(instance.c.SOPInstanceUID.in_(sop_uids))
+        rows = conn.execute(stmt).all()
+        if not rows:
+            return []
+        conn.execute(delete(instance).where(instance.c.id.in_([r[7] for r in rows])))
+        for series_id, study_id in sorted({(r[8], r[9]) for r in rows}):
+            self._refresh_counts(conn, series_id, study_id)
+        for study_id, patient_id in sorted({(r[9], r[10]) for r in rows}):
+            left = conn.execute(select(func.count()).select_from(series)
+                                .where(series.c.study_id == study_id)).scalar_one()
+            if left == 0:
+                conn.execute(delete(study).where(study.c.id == study_id))
+                others = conn.execute(select(func.count()).select_from(study)
+                                      .where(study.c.patient_id == patient_id)).scalar_one()
+                if others == 0:
+                    conn.execute(delete(patient).where(patient.c.id == patient_id))
+        self.queue_publish(conn, study_uid, reason)
+        return [StoredInstance(*r[:7]) for r in rows]
+
+    def reject(self, conn: Connection, references: list[tuple[str, str]], *, reason: str,
+               note_uid: str) -> None:
+        """Remember ``(study_uid, sop_uid)`` pairs as rejected (an IOCM note), so they are
+        refused if sent again."""
+        now = time.time()
+        stmt = self._insert(rejected).values([
+            {"SOPInstanceUID": sop, "StudyInstanceUID": study_uid, "reason": reason,
+             "note_uid": note_uid, "rejected_at": now} for study_uid, sop in references])
+        conn.execute(stmt.on_conflict_do_nothing(index_elements=["SOPInstanceUID"]))
+
+    def rejection_of(self, sop_uid: str) -> tuple[str, str] | None:
+        """(reason code, note UID) if this instance was rejected by an IOCM note."""
+        with self.engine.connect() as conn:
+            row = self._stmt_rejected(conn, {"sop": sop_uid}).first()
+        return (row[0], row[1]) if row else None
 
     def clear(self) -> None:
         """Delete every row (``reindex`` rebuilds from the blobs). The outbox is kept."""
