@@ -11,9 +11,15 @@
         ├── DuplicateInstance       0x0111: a different object with a stored SOP Instance UID
         ├── RejectedInstance        0x0124: an instance an IOCM rejection note removed, sent again
         └── OutOfResources          0xA700: disk full, unwritable storage, index unavailable
+    └── RetrieveError               a stored instance could not be served as asked
+        ├── InstanceMissing         indexed, but its blob is gone or unreadable (index and storage
+        │                           disagree: ``reindex`` repairs); WADO-RS 500, C-MOVE failure
+        └── TranscodeError          cannot be converted to the requested transfer syntax (no
+                                    decoder/encoder, or the codec failed); WADO-RS 406
 
 Each entry point maps these in one place: DIMSE returns ``status``; STOW-RS puts ``status`` in
-Failure Reason (0008,1197) and derives the HTTP status; the CLI prints ``str(error)``.
+Failure Reason (0008,1197) and derives the HTTP status; WADO maps RetrieveError to an HTTP
+status (``gateway/wado.py``); the CLI prints ``str(error)``.
 Messages never contain patient names or IDs (they end up in logs and on the wire).
 """
 
@@ -74,3 +80,15 @@ class OutOfResources(StoreError):
     """Refused: Out of Resources (0xA700): the sender should retry later."""
 
     status = 0xA700
+
+
+class RetrieveError(GatewayError):
+    """A located instance could not be served in the form asked for (``gateway.retrieve``)."""
+
+
+class InstanceMissing(RetrieveError):
+    """The index lists the instance but its blob is missing or unreadable."""
+
+
+class TranscodeError(RetrieveError):
+    """The instance cannot be converted to the requested transfer syntax."""
