@@ -50,7 +50,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
     originals: dict[str, Path] = {}
     files = root / "files"
     files.mkdir()
-    for syntax, path in sample_files(root).items():
+    for path in sample_files(root).values():
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = STUDY
         ds.SeriesInstanceUID = generate_uid()
