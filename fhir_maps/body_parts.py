@@ -22,12 +22,15 @@ whose ``concept`` holds it; the element definition points to this Annex for the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from fhir_maps.dicom_values import clean_text
 from fhir_maps.facts import CodedConcept
 from fhir_maps.terminology import SNOMED
+
+_SCTID = re.compile(r"[1-9][0-9]{5,17}")
 
 #: Body Part Examined defined term → (SNOMED CT concept id, PS3.16 Code Meaning).
 BODY_PART_EXAMINED: Mapping[str, tuple[str, str]] = {
@@ -207,7 +210,7 @@ def series_body_site(body_part_examined: str | None,
     through :data:`BODY_PART_EXAMINED`, else None.
     """
     for concept in anatomic_region:
-        if concept.coding_scheme == "SCT" and concept.code_value.isdigit():
+        if concept.coding_scheme == "SCT" and _SCTID.fullmatch(concept.code_value):
             coding: dict[str, Any] = {"system": SNOMED, "code": concept.code_value}
             if concept.code_meaning:
                 coding["display"] = concept.code_meaning

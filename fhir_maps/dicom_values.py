@@ -18,10 +18,11 @@ from __future__ import annotations
 import re
 from datetime import date, datetime, timedelta, tzinfo
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
-_TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
-_OFFSET = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")  # + lone surrogates
+_OTHER_SPACE = re.compile(r"[^\S \t\r\n]")  # e.g. NBSP, U+2028: not allowed by FHIR's regex
+_DA = re.compile(r"([0-9]{4})\.?([0-9]{2})\.?([0-9]{2})")
+_TM = re.compile(r"([0-9]{2})(?::?([0-9]{2})(?::?([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
+_OFFSET = re.compile(r"([+-])([0-9]{2}):?([0-9]{2})")
 
 
 def clean_text(value: object) -> str | None:
@@ -35,12 +36,15 @@ def clean_text(value: object) -> str | None:
     Returns
     -------
     str or None
-        The value without leading/trailing spaces (DICOM pads with spaces and NULs) and
-        without control characters other than tab, CR and LF.
+        The value without leading/trailing spaces (DICOM pads with spaces and NULs),
+        without control characters other than tab, CR and LF (nor lone surrogates, which
+        cannot be sent as UTF-8), and with other white space
+        (no-break space, line separators) turned into plain spaces, as the FHIR ``string``
+        pattern ``[ \\r\\n\\t\\S]+`` requires.
     """
     if value is None:
         return None
-    text = _CONTROL.sub("", str(value)).strip()
+    text = _OTHER_SPACE.sub(" ", _CONTROL.sub("", str(value))).strip()
     return text or None
 
 
@@ -54,7 +58,7 @@ def split_multi(value: str | None) -> tuple[str, ...]:
 def _date(value: str | None) -> date | None:
     if not value:
         return None
-    match = _DA.match(value.strip())
+    match = _DA.fullmatch(value.strip())
     if match is None:
         return None
     try:
@@ -73,7 +77,7 @@ def _time(value: str | None) -> tuple[int, int, int, str] | None:
     """(hour, minute, second, fraction digits) of a DICOM TM, or None when invalid."""
     if not value:
         return None
-    match = _TM.match(value.strip())
+    match = _TM.fullmatch(value.strip())
     if match is None:
         return None
     hour, minute, second = int(match[1]), int(match[2] or 0), int(match[3] or 0)
@@ -90,7 +94,7 @@ def parse_offset(value: str | None) -> timedelta | None:
     """
     if not value:
         return None
-    match = _OFFSET.match(value.strip())
+    match = _OFFSET.fullmatch(value.strip())
     if match is None:
         return None
     hours, minutes = int(match[2]), int(match[3])

@@ -71,7 +71,7 @@ Json = dict[str, Any]
 
 #: ImagingStudy.identifier system for the Study Instance UID (R4 imagingstudy notes).
 STUDY_UID_SYSTEM = "urn:dicom:uid"
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _STATUSES = ("registered", "available", "cancelled", "entered-in-error", "unknown")
 #: Identifier.type of an accession number: v2-0203 ACSN and DICOM 121022 (as IHE MADO does).
 ACCESSION_TYPE: Json = {"coding": [
@@ -82,7 +82,7 @@ ACCESSION_TYPE: Json = {"coding": [
 
 def _uid(value: str, what: str) -> str:
     value = value.strip()
-    if len(value) > 64 or not _UID.match(value):
+    if len(value) > 64 or not _UID.fullmatch(value):
         raise MappingError(f"{what} {value[:80]!r} is not a valid DICOM UID")
     return value
 
