@@ -14,7 +14,7 @@ publisher and the cohort queries (see :mod:`fhir_maps.identity`).
 
 from fhir_maps.body_parts import BODY_PART_EXAMINED, body_part_coding
 from fhir_maps.dicom_json import coded_concepts, person_names
-from fhir_maps.dicom_values import fhir_date, fhir_datetime
+from fhir_maps.dicom_values import fhir_date, fhir_datetime, split_multi
 from fhir_maps.endpoint import (
     build_endpoint,
     dicomweb_address,
@@ -88,6 +88,7 @@ __all__ = [
     "patient_reference",
     "person_names",
     "search_token",
+    "split_multi",
     "study_identifier",
     "study_search_token",
     "to_model",

@@ -2,9 +2,12 @@
 
 The facts are DICOM values as the index keeps them (PS3.5 text, already decoded with the
 Specific Character Set; DA ``YYYYMMDD``, TM ``HHMMSS.FFFFFF``; PN with ``^`` components and
-``=`` groups; multi-valued attributes split into tuples). Absent or empty attributes are
-``None`` (or an empty tuple). Nothing here checks values: the builders drop what is not valid
-rather than guess (see each builder).
+``=`` groups; multi-valued attributes split into tuples, e.g. with
+:func:`fhir_maps.split_multi` for the index's ``\\``-joined text; code sequences and PN
+lists stored as DICOM JSON read with :func:`fhir_maps.coded_concepts` and
+:func:`fhir_maps.person_names`). Absent or empty attributes are ``None`` (or an empty
+tuple). Nothing here checks values: the builders drop what is not valid rather than guess
+(see each builder).
 
 The options say what the DICOM data cannot: which FHIR version to write, the public DICOMweb
 address, which identifier system an issuer's numbers belong to, and the local time zone.
@@ -224,6 +227,9 @@ class IdentifierSystems:
             raise ValueError("an identifier system must not be empty")
         object.__setattr__(self, "by_issuer", _frozen(self.by_issuer))
 
+    def __hash__(self) -> int:
+        return hash((frozenset(self.by_issuer.items()), self.default))
+
 
 @dataclass(frozen=True)
 class MappingOptions:
@@ -263,3 +269,8 @@ class MappingOptions:
         if self.fhir_version not in ("R4", "R5"):
             raise ValueError(f"unsupported FHIR version {self.fhir_version!r}")
         object.__setattr__(self, "coding_systems", _frozen(self.coding_systems))
+
+    def __hash__(self) -> int:
+        return hash((self.fhir_version, self.dicomweb_base_url, self.patient_systems,
+                     self.accession_systems, self.default_timezone,
+                     frozenset(self.coding_systems.items()), self.endpoint_name))

@@ -54,6 +54,7 @@ from fhir_maps import (
     patient_keys,
     person_names,
     search_token,
+    split_multi,
     study_search_token,
     to_model,
 )
@@ -495,6 +496,7 @@ def test_coded_concepts_read_every_code_value_form_and_skip_the_rest() -> None:
                                        CodedConcept("urn:example:1", ""))
     assert coded_concepts(element["Value"]) == coded_concepts(element)
     assert coded_concepts(None) == coded_concepts({"vr": "SQ"}) == ()
+    assert split_multi("CT\\ SR \\\\") == ("CT", "SR") and split_multi(None) == ()
     assert person_names({"vr": "PN", "Value": [
         {"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎"}, {}, "Doe^J"]}) == (
         "Yamada^Tarou=山田^太郎", "Doe^J")
@@ -519,6 +521,7 @@ def test_identity_rules() -> None:
     assert search_token("http://a|b", "x,y$z\\") == "http://a\\|b|x\\,y\\$z\\\\"
     with pytest.raises(ValueError):
         IdentifierSystems({"": MRN})
+    assert hash(options("R4")) == hash(options("R4")) and options("R4") == options("R4")
 
 
 SYSTEMS = ("urn:oid:1.2.3", "http://a.example/mrn", "http://b.example/mrn")
