@@ -27,3 +27,15 @@ ensure_venv() {  # ensure_venv EXTRAS : .venv with the project installed (editab
     "$VENV/bin/python" -c "import gateway" && touch "$stamp"
   fi
 }
+
+npm_install() {  # npm_install DIR : DIR's package.json + package-lock.json → .infra/node/<name>
+  local src="$ROOT/$1" dest="$ROOT/.infra/node/$(basename "$1")"
+  command -v npm >/dev/null || { echo "npm_install: node >= 20 and npm are needed" >&2; return 1; }
+  local stamp="$dest/.installed-$(cat "$src/package.json" "$src/package-lock.json" | sha1sum | cut -c1-12)"
+  [ -f "$stamp" ] && return 0
+  echo "== npm ci ($1 -> .infra/node/$(basename "$1"))" >&2
+  mkdir -p "$dest"
+  rm -f "$dest"/.installed-*
+  cp "$src/package.json" "$src/package-lock.json" "$dest/"
+  (cd "$dest" && npm ci --no-audit --no-fund --loglevel=error >&2) && touch "$stamp"
+}

@@ -4,6 +4,7 @@
 source "$(dirname "$0")/_env.sh"
 apt_install dcmtk
 ensure_venv "[test]"
+npm_install tests/fhir  # Medplum FHIR validator for tests/test_fhir_maps.py
 cd "$ROOT"
 echo "== ruff" >&2
 "$VENV/bin/ruff" check gateway fhir_maps tests bench
