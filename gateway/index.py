@@ -150,6 +150,17 @@ class StoredInstance:
     blob_size: int
 
 
+@dataclass(frozen=True)
+class OutboxItem:
+    """A study claimed for publishing: why it was queued, how many attempts failed before,
+    and the claim's token (see :meth:`Index.claim_due`)."""
+
+    study_uid: str
+    reason: str
+    attempts: int
+    token: float
+
+
 class _WriterLock:
     """Queue SQLite writers on a lock instead of SQLite's busy handler.
 
@@ -496,6 +507,100 @@ class Index:
             ModalitiesInStudy="\\".join(sorted({r[0] for r in rows if r[0]})) or None,
             SOPClassesInStudy="\\".join(sorted(classes)) or None,
         ))
+
+    # -- the publish outbox ------------------------------------------------------------------------
+    def claim_due(self, *, limit: int, lease_seconds: float,
+                  now: float | None = None) -> list[OutboxItem]:
+        """Take up to ``limit`` studies due for publishing: pending ones whose quiet period
+        has passed, and claimed ones whose lease ran out (a publisher that died mid-way).
+
+        Each is leased for ``lease_seconds`` (``due_at`` moves to the end of the lease) and
+        stamped with a token (``updated_at``): :meth:`finish_publish` removes the row only if
+        no store re-queued the study meanwhile. On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets
+        several replicas claim side by side without taking the same study.
+        """
+        now = time.time() if now is None else now
+        stmt = (select(outbox.c.StudyInstanceUID, outbox.c.reason, outbox.c.attempts)
+                .where(outbox.c.state.in_(("pending", "publishing")), outbox.c.due_at <= now)
+                .order_by(outbox.c.due_at).limit(limit))
+        if not self.is_sqlite:
+            stmt = stmt.with_for_update(skip_locked=True)
+        claimed: list[OutboxItem] = []
+        with self.write() as conn:
+            for uid, reason, attempts in conn.execute(stmt).all():
+                token = now + len(claimed) * 1e-6  # distinct per row, monotonic per claim
+                conn.execute(update(outbox).where(outbox.c.StudyInstanceUID == uid).values(
+                    state="publishing", due_at=now + lease_seconds, updated_at=token))
+                claimed.append(OutboxItem(uid, reason, attempts, token))
+        return claimed
+
+    def finish_publish(self, item: OutboxItem) -> bool:
+        """Drop the outbox row of a published study, unless it was re-queued meanwhile
+        (then it stays pending and is published again). True if removed."""
+        with self.write() as conn:
+            result = conn.execute(delete(outbox).where(
+                outbox.c.StudyInstanceUID == item.study_uid, outbox.c.updated_at == item.token))
+        return bool(result.rowcount)
+
+    def retry_publish(self, item: OutboxItem, *, due_at: float, error: str,
+                      state: str = "pending") -> None:
+        """Schedule another attempt (``state`` ``pending``) or park the study for an operator
+        (``failed``, the dead letter) with the reason; a study re-queued meanwhile by a store
+        keeps its new schedule."""
+        with self.write() as conn:
+            conn.execute(update(outbox).where(
+                outbox.c.StudyInstanceUID == item.study_uid, outbox.c.updated_at == item.token,
+            ).values(state=state, due_at=due_at, attempts=item.attempts + 1,
+                     last_error=error[:2000], updated_at=time.time()))
+
+    def outbox_rows(self, *, states: tuple[str, ...] | None = None,
+                    study_uid: str | None = None) -> list[dict[str, Any]]:
+        """The outbox as rows (for ``publish --failed`` and ``/api/publish``)."""
+        stmt = select(outbox).order_by(outbox.c.due_at)
+        if states is not None:
+            stmt = stmt.where(outbox.c.state.in_(states))
+        if study_uid is not None:
+            stmt = stmt.where(outbox.c.StudyInstanceUID == study_uid)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
+    def replay(self, study_uid: str | None = None, *, now: float | None = None) -> int:
+        """Make failed studies (or one study, whatever its state) due again now; returns how
+        many. A study with no outbox row (already published) is queued afresh."""
+        now = time.time() if now is None else now
+        with self.write() as conn:
+            if study_uid is None:
+                result = conn.execute(update(outbox).where(outbox.c.state == "failed").values(
+                    state="pending", due_at=now, attempts=0, updated_at=now))
+                return int(result.rowcount)
+            self._stmt_outbox(conn, {
+                "StudyInstanceUID": study_uid, "due_at": now, "reason": "replay",
+                "state": "pending", "attempts": 0, "last_error": None, "updated_at": now})
+            return 1
+
+    def study_snapshot(self, study_uid: str) -> dict[str, Any] | None:
+        """Everything the index holds about one study, for the FHIR mapping: ``study`` and
+        ``patient`` rows, ``series`` rows (each with its ``instances``), or None if the study
+        is not (or no longer) stored."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(study).where(study.c.StudyInstanceUID == study_uid)).first()
+            if row is None:
+                return None
+            study_row = dict(row._mapping)
+            patient_row = dict(conn.execute(select(patient).where(
+                patient.c.id == study_row["patient_id"])).one()._mapping)
+            series_rows = [dict(r._mapping) for r in conn.execute(
+                select(series).where(series.c.study_id == study_row["id"]))]
+            by_id = {s["id"]: s for s in series_rows}
+            for s in series_rows:
+                s["instances"] = []
+            for r in conn.execute(select(instance).where(
+                    instance.c.series_id.in_(list(by_id)))):
+                by_id[r.series_id]["instances"].append(dict(r._mapping))
+        for row_with_json in (study_row, *series_rows):
+            if isinstance(row_with_json.get("attributes"), str):
+                row_with_json["attributes"] = json.loads(row_with_json["attributes"])
+        return {"study": study_row, "patient": patient_row, "series": series_rows}
 
     # -- removal ---------------------------------------------------------------------------------
     def remove(self, conn: Connection, *, study_uid: str, series_uid: str | None = None,
