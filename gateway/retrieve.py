@@ -40,9 +40,9 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.pixels.utils import pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
+from pydicom.pixels.utils import pixel_array
 from pydicom.tag import BaseTag, Tag
 from sqlalchemy import ColumnElement, select
 
