@@ -225,9 +225,10 @@ def display_pixels(arr: np.ndarray[Any, Any], ds: Dataset,
     inverse = photometric == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         inverse = not inverse
-    if inverse:
-        grey = 255.0 - grey
-    return _to_uint8(grey)
+    shown = _to_uint8(grey)
+    if inverse:  # after quantising, so MONOCHROME1 is the exact complement of MONOCHROME2
+        shown = 255 - shown
+    return shown
 
 
 # -- geometry and encoding ------------------------------------------------------------------------

@@ -332,8 +332,16 @@ def _retrieve(study_uid: str, series_uid: str | None = None,
         syntax = _choose(item, groups)
         if syntax is None:
             left_out.append(f"{item.sop_uid}: not available in an acceptable transfer syntax")
+        elif not _exists(item):  # checked now, so that the status can say so
+            log.error("WADO-RS: SOP Instance %s is indexed but its stored file is missing",
+                      item.sop_uid)
+            left_out.append(f"{item.sop_uid}: stored file missing")
         else:
             chosen.append((item, syntax))
+    if not chosen and any(text.endswith("stored file missing") for text in left_out):
+        return problem(500, "the stored files of the requested instances are missing (index "
+                            "and storage disagree; `imaging-gateway reindex` rebuilds the "
+                            "index from storage): " + "; ".join(left_out)[:1000])
     if not chosen:
         return not_acceptable("no acceptable transfer syntax for "
                               f"{'this instance' if sop_uid else 'any instance'}",
