@@ -31,6 +31,7 @@ whose stored file is gone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -239,9 +240,16 @@ def _multipart_response(inner: str, first: _Part, rest: Iterator[_Part | None], 
     if location:
         response.headers["Content-Location"] = location
     if left_out:
-        text = "; ".join(left_out)[:2000].replace('"', "'")
-        response.headers["Warning"] = f'299 imaging-gateway "{len(left_out)} left out: {text}"'
+        response.headers["Warning"] = warning(left_out)
     return response
+
+
+def warning(left_out: Sequence[str]) -> str:
+    """A ``Warning: 299`` header value (RFC 7234 §5.5) naming what a 206 response left out;
+    ASCII only, as header values must be."""
+    text = "; ".join(left_out)[:2000].replace('"', "'").replace("\r", " ").replace("\n", " ")
+    text = text.encode("ascii", "replace").decode("ascii")
+    return f'299 imaging-gateway "{len(left_out)} left out: {text}"'
 
 
 def _uids(*pairs: tuple[str, str | None]) -> Response | None:
@@ -454,8 +462,7 @@ def _metadata(study_uid: str, series_uid: str | None = None,
     response.headers["Content-Location"] = _resource_url(study_uid, series_uid, sop_uid) \
         + "/metadata"
     if left_out:
-        response.headers["Warning"] = (f'299 imaging-gateway "{len(left_out)} left out: '
-                                       + "; ".join(left_out)[:2000] + '"')
+        response.headers["Warning"] = warning(left_out)
     return response
 
 
@@ -571,11 +578,10 @@ def _pixel_response(item: Located, info: retrieve.PixelInfo, numbers: list[int],
         log.warning("WADO-RS frames: %s", exc)
         return not_acceptable(str(exc), [o for o in _pixel_offers(info)
                                          if OCTET_STREAM not in o])
-    if whole and representation == "native":
-        remaining = list(chunks)
+    if whole and representation == "native":  # one part: the frames one after the other
         return _multipart_response(media, _Part(content_type, f"{base}/bulkdata/7FE00010",
-                                                lambda: [first, *remaining]), iter(()),
-                                   transfer_syntax=syntax)
+                                                lambda: itertools.chain([first], chunks)),
+                                   iter(()), transfer_syntax=syntax)
     location = f"{base}/frames/"
 
     def rest() -> Iterator[_Part | None]:
