@@ -32,7 +32,7 @@ from pydicom.uid import generate_uid
 from werkzeug.http import parse_options_header
 
 from conftest import GatewayProcess, free_port
-from samples import sample_files, stored_path
+from samples import sample_files, stored_path, synthetic
 
 ELE = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"
@@ -51,7 +51,6 @@ NATIVE = (IMPLICIT, ELE, BIG_ENDIAN, DEFLATED)
 LOSSY = (JPEG_BASELINE, JPEG_EXTENDED, "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91",
          "1.2.840.10008.1.2.4.203")
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def dicom_accept(syntax: str | None = None) -> str:
@@ -87,37 +86,6 @@ def error_of(response: requests.Response, status: int) -> dict[str, Any]:
     body: dict[str, Any] = response.json()
     assert isinstance(body.get("error"), str) and body["error"]
     return body
-
-
-def synthetic(pixels: np.ndarray[Any, Any], *, study: str, series: str, series_number: int = 1,
-              instance_number: int = 1, photometric: str = "MONOCHROME2",
-              **attrs: Any) -> Dataset:
-    """A minimal image (Secondary Capture) with the given 16-bit grey pixels ((frames,) rows,
-    columns), Explicit VR Little Endian."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ELE
-    ds.SOPClassUID = SECONDARY_CAPTURE
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientID = "WADO-TEST"
-    ds.PatientName = "Test^Wado"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.Modality = "OT"
-    ds.SeriesNumber, ds.InstanceNumber = series_number, instance_number
-    signed = pixels.dtype.kind == "i"
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1 if signed else 0
-    ds.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
-    for name, value in attrs.items():
-        setattr(ds, name, value)
-    return ds
 
 
 def to_bytes(ds: Dataset) -> bytes:
