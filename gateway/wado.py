@@ -37,8 +37,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from werkzeug.http import parse_options_header
@@ -189,14 +188,6 @@ class _Part:
     content_type: str
     location: str | None
     body: Callable[[], Iterable[bytes]]
-
-
-@dataclass
-class _Plan:
-    """What a multi-item response will hold and what it left out."""
-
-    parts: list[Any] = field(default_factory=list)
-    left_out: list[str] = field(default_factory=list)
 
 
 def _constant(data: bytes) -> Callable[[], list[bytes]]:
