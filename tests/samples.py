@@ -16,8 +16,11 @@ no file for a few syntaxes; those are derived here, each with a real, decodable 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
 from conftest import pydicom_file
@@ -161,3 +164,34 @@ ARCHIVE: list[dict[str, object]] = [
 def write_archive(directory: Path) -> list[Path]:
     """The files of :data:`ARCHIVE`, written to ``directory``."""
     return [synthetic_instance(directory, **attributes) for attributes in ARCHIVE]
+
+
+def synthetic(pixels: np.ndarray[Any, Any], *, study: str, series: str, series_number: int = 1,
+              instance_number: int = 1, photometric: str = "MONOCHROME2",
+              **attrs: Any) -> Dataset:
+    """A minimal image (Secondary Capture) with the given 16-bit grey pixels ((frames,) rows,
+    columns), Explicit VR Little Endian."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = "WADO-TEST"
+    ds.PatientName = "Test^Wado"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "OT"
+    ds.SeriesNumber, ds.InstanceNumber = series_number, instance_number
+    signed = pixels.dtype.kind == "i"
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
+    for name, value in attrs.items():
+        setattr(ds, name, value)
+    return ds
