@@ -11,6 +11,9 @@ person-name matching (see :mod:`gateway.query`). Paging: ``limit``/``offset``; w
 at most ``http.qido_max_results`` matches are returned, and a ``Warning`` header says when an
 answer was cut (PS3.18 §8.3.4.4 / §10.6.3.2).
 
+Answers are DICOM JSON, or ``multipart/related; type="application/dicom+xml"`` (PS3.19 Native
+DICOM Model, one part per match) when the Accept header prefers it.
+
 Errors are 400 with a message naming the parameter; nothing is ever answered as an empty list
 because a parameter was not understood.
 """
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
 from flask import Response, current_app, request
 
+from gateway.dicom_xml import to_xml
 from gateway.dicomweb import DICOM_JSON, bp, problem
 from gateway.query import (
     Query,
@@ -59,6 +64,7 @@ INSTANCE_RETURN = ("SOPClassUID", "SOPInstanceUID", "InstanceAvailability",
 _CONTROL = {"includefield", "fuzzymatching", "limit", "offset", "emptyvaluematching",
             "multiplevaluematching"}
 _LISTS = {"UI", "CS"}
+DICOM_XML = "application/dicom+xml"
 
 
 def _services() -> Any:
@@ -128,6 +134,8 @@ def _includes(level: str) -> tuple[list[str], bool, list[str]]:
 
 
 def _search(level: str, returned: Iterable[str], path_uids: dict[str, str]) -> Response:
+    if _representation() is None:
+        return _not_acceptable()
     services = _services()
     for name, uid in path_uids.items():
         if not is_valid_uid(uid):
@@ -156,8 +164,11 @@ def _search(level: str, returned: Iterable[str], path_uids: dict[str, str]) -> R
     for match in result.matches:
         match.values["RetrieveURL"] = _retrieve_url(base, level, match.values)
         body.append(to_dicom_json(match, keywords))
-    response = Response(json.dumps(body, ensure_ascii=False), status=200,
-                        content_type=DICOM_JSON)
+    if _representation() == "xml":
+        response = _xml_parts(body)
+    else:
+        response = Response(json.dumps(body, ensure_ascii=False), status=200,
+                            content_type=DICOM_JSON)
     warnings = []
     if result.more:
         warnings.append(_warning("The number of results exceeded the maximum supported by the "
@@ -182,43 +193,74 @@ def _retrieve_url(base: str, level: str, values: dict[str, Any]) -> str:
     return url
 
 
-def _accepts_json() -> Response | None:
-    """406 unless the client takes DICOM JSON (PS3.18 §8.7.5)."""
-    accept = request.accept_mimetypes
-    if not accept or accept.best_match([DICOM_JSON, "application/json"]) is not None:
-        return None
-    return problem(406, f"QIDO-RS answers {DICOM_JSON}; the request accepts only "
+def _representation() -> str | None:
+    """``json`` or ``xml`` (PS3.18 §8.7.5: DICOM JSON, or ``multipart/related;
+    type="application/dicom+xml"``), as the Accept header prefers; None if neither."""
+    ranges = []
+    for position, item in enumerate((request.headers.get("Accept") or "*/*").split(",")):
+        media, _, rest = item.strip().partition(";")
+        params = dict(p.strip().partition("=")[::2] for p in rest.split(";") if "=" in p)
+        try:
+            q = float(params.get("q", "1"))
+        except ValueError:
+            q = 1.0
+        ranges.append((-q, position, media.strip().lower(),
+                       params.get("type", "").strip('"').lower()))
+    for _q, _position, media, kind in sorted(ranges):
+        if media in (DICOM_JSON, "application/json", "application/*", "*/*"):
+            return "json"
+        if media == DICOM_XML or (media == "multipart/related" and kind == DICOM_XML):
+            return "xml"
+    return None
+
+
+def _not_acceptable() -> Response:
+    return problem(406, f"QIDO-RS answers {DICOM_JSON} or multipart/related; "
+                        f'type="{DICOM_XML}"; the request accepts only '
                         f"{request.headers.get('Accept')!r}")
+
+
+def _xml_parts(body: list[dict[str, Any]]) -> Response:
+    """PS3.18 §8.7.5: one ``application/dicom+xml`` part per match."""
+    boundary = uuid.uuid4().hex
+    chunks = []
+    for dataset in body:
+        chunks.append(f"--{boundary}\r\nContent-Type: {DICOM_XML}\r\n\r\n".encode())
+        chunks.append(to_xml(dataset))
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return Response(b"".join(chunks), status=200, content_type=(
+        f'multipart/related; type="{DICOM_XML}"; boundary={boundary}'))
 
 
 @bp.get("/studies")
 def search_studies() -> Response:
-    return _accepts_json() or _search("STUDY", STUDY_RETURN, {})
+    return _search("STUDY", STUDY_RETURN, {})
 
 
 @bp.get("/series")
 def search_all_series() -> Response:
-    return _accepts_json() or _search("SERIES", (*STUDY_RETURN, *SERIES_RETURN), {})
+    return _search("SERIES", (*STUDY_RETURN, *SERIES_RETURN), {})
 
 
 @bp.get("/studies/<study>/series")
 def search_study_series(study: str) -> Response:
-    return _accepts_json() or _search("SERIES", SERIES_RETURN, {"StudyInstanceUID": study})
+    return _search("SERIES", SERIES_RETURN, {"StudyInstanceUID": study})
 
 
 @bp.get("/instances")
 def search_all_instances() -> Response:
-    return _accepts_json() or _search(
+    return _search(
         "IMAGE", (*STUDY_RETURN, *SERIES_RETURN, *INSTANCE_RETURN), {})
 
 
 @bp.get("/studies/<study>/instances")
 def search_study_instances(study: str) -> Response:
-    return _accepts_json() or _search("IMAGE", (*SERIES_RETURN, *INSTANCE_RETURN),
+    return _search("IMAGE", (*SERIES_RETURN, *INSTANCE_RETURN),
                                       {"StudyInstanceUID": study})
 
 
 @bp.get("/studies/<study>/series/<series>/instances")
 def search_series_instances(study: str, series: str) -> Response:
-    return _accepts_json() or _search("IMAGE", INSTANCE_RETURN,
+    return _search("IMAGE", INSTANCE_RETURN,
                                       {"StudyInstanceUID": study, "SeriesInstanceUID": series})

@@ -171,3 +171,31 @@ def test_an_accept_it_cannot_satisfy_is_406(archive: GatewayProcess) -> None:
     response = requests.get(f"{archive.dicomweb}/studies", timeout=10,
                             headers={"Accept": "image/png"})
     assert response.status_code == 406
+
+
+def test_xml_answers_follow_the_native_dicom_model(archive: GatewayProcess) -> None:
+    """PS3.18 §8.7.5 / PS3.19 A.1: multipart/related; type="application/dicom+xml"."""
+    from email.parser import BytesParser
+    from xml.etree import ElementTree
+
+    response = requests.get(f"{archive.dicomweb}/studies", params={"PatientID": "P1"},
+                            timeout=10,
+                            headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith(
+        'multipart/related; type="application/dicom+xml"; boundary=')
+    message = BytesParser().parsebytes(
+        b"Content-Type: " + response.headers["Content-Type"].encode() + b"\r\n\r\n"
+        + response.content)
+    (part,) = message.get_payload()
+    assert part.get_content_type() == "application/dicom+xml"
+    ns = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    root = ElementTree.fromstring(part.get_payload(decode=True))
+    assert root.tag == "{http://dicom.nema.org/PS3.19/models/NativeDICOM}NativeDicomModel"
+    uid = root.find("d:DicomAttribute[@keyword='StudyInstanceUID']/d:Value", ns)
+    assert uid is not None and uid.text == S1 and uid.get("number") == "1"
+    family = root.find("d:DicomAttribute[@tag='00100010']/d:PersonName/d:Alphabetic/"
+                       "d:FamilyName", ns)
+    assert family is not None and family.text == "DOE"
+    modalities = root.findall("d:DicomAttribute[@keyword='ModalitiesInStudy']/d:Value", ns)
+    assert [m.text for m in modalities] == ["CT", "SR"]
