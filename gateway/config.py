@@ -213,6 +213,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _positive, 2 * 1024**3,
             "Largest accepted request body (STOW-RS) in bytes; larger → 413.",
         ),
+        "allow_delete": Key(
+            _boolean, True,
+            "Accept `DELETE` of studies, series and instances under `/dicomweb` (blobs and index "
+            "rows go; the FHIR ImagingStudy is updated). `false` answers 405.",
+        ),
+        "qido_max_results": Key(
+            _positive, 1000,
+            "Most matches one QIDO-RS answer carries; a larger answer is cut with a `Warning` "
+            "header and the client pages on with `offset`.",
+        ),
     },
     "storage": {
         "path": Key(_string, "./data", "Directory holding the stored instances (and, by default, "

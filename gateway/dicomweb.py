@@ -1,4 +1,8 @@
-"""DICOMweb (PS3.18) under ``/dicomweb``: STOW-RS for now. Translation only.
+"""DICOMweb (PS3.18) under ``/dicomweb``: the blueprint, STOW-RS and DELETE. Translation only.
+
+QIDO-RS lives in :mod:`gateway.qido`, on this blueprint. ``DELETE`` of a study, series or
+instance (as Orthanc and dcm4chee offer; not part of PS3.18) goes through
+:meth:`gateway.ingest.Ingest.delete`.
 
 STOW-RS (PS3.18 §10.5): ``POST /studies`` and ``POST /studies/{StudyInstanceUID}`` with
 ``multipart/related; type="application/dicom"``, one Part 10 instance per part. The body is
@@ -261,6 +265,29 @@ def _store_parts(ingest: Ingest, parts: list[_Part], study_uid: str | None) -> R
     if status == 503:
         body.headers["Retry-After"] = "30"
     return body
+
+
+@bp.delete("/studies/<study>")
+@bp.delete("/studies/<study>/series/<series>")
+@bp.delete("/studies/<study>/series/<series>/instances/<sop>")
+def delete(study: str, series: str | None = None, sop: str | None = None) -> Response:
+    """Remove a study, series or instance (blobs, index rows) and queue the FHIR update.
+    204 when something was deleted, 404 when nothing matched, 405 if ``http.allow_delete`` is
+    off."""
+    services = current_app.extensions["gateway"]
+    if not services.settings.http["allow_delete"]:
+        return problem(405, "deletion is disabled on this gateway (http.allow_delete = false)")
+    for name, uid in (("study", study), ("series", series), ("instance", sop)):
+        if uid is not None and not is_valid_uid(uid):
+            return problem(400, f"the {name} UID in the path is not a valid UID: {uid[:80]!r}")
+    try:
+        count = services.ingest.delete(study, series, sop)
+    except StoreError as exc:
+        return problem(503, f"nothing deleted: {exc}")
+    if count == 0:
+        return problem(404, "no such study, series or instance")
+    log.info("DELETE %s removed %d instances", request.path, count)
+    return Response(status=204)
 
 
 def _failed_item(sop_class: str | None, sop_uid: str | None, reason: int) -> Dataset:

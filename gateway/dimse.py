@@ -1,4 +1,5 @@
-"""The DICOM network node (PS3.7/PS3.8 via pynetdicom): C-ECHO and C-STORE, translation only.
+"""The DICOM network node (PS3.7/PS3.8 via pynetdicom): C-ECHO and C-STORE here, C-FIND,
+C-MOVE and C-GET in :mod:`gateway.qr`; translation only.
 
 Every received data set is streamed by pynetdicom into a file in the storage's staging area
 (``STORE_RECV_CHUNKED_DATASET``: preamble, file meta, then the data set bytes exactly as they
@@ -25,7 +26,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messag
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway import reactor, receiver
+from gateway import qr, reactor, receiver
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.ingest import Ingest
@@ -48,6 +49,8 @@ TRANSFER_SYNTAXES = [_EXPLICIT_LE] + [
 def configure_pynetdicom() -> None:
     """Process-wide settings for a receiver: stream data sets to disk, keep logs free of PHI."""
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # C-STORE sub-operations (C-MOVE, C-GET) of a stored file stream its bytes from disk.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     reactor.install()  # event-driven waits instead of 1 ms polling (see gateway.reactor)
     # see ReceiveSink for why; pynetdicom 3.0.x looks the name up in this module at each message
     setattr(dimse_messages, "NamedTemporaryFile", receiver.ReceiveSink)  # noqa: B010
@@ -123,7 +126,20 @@ class DimseNode:
             network_timeout=dimse["network_timeout"],
             maximum_associations=self.ae.maximum_associations,
         )
+        # Only storage and verification go to the lean receiver; everything added below is
+        # pynetdicom's to serve.
         self._served_here = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
+        self.find = qr.FindSCP(ingest.index, dimse["ae_title"])
+        self.retrieve = qr.RetrieveSCP(ingest.index, ingest.storage, settings.peers)
+        for model in qr.MODEL_LEVELS:
+            self.ae.add_supported_context(model, [_EXPLICIT_LE, _IMPLICIT_LE])
+        # C-GET: the requester proposes the storage classes with itself as SCP (role
+        # selection, PS3.7 D.3.3.4); accepting both roles keeps plain C-STORE working too.
+        for context in self.ae.supported_contexts:
+            if str(context.abstract_syntax) in self._served_here and \
+                    str(context.abstract_syntax) != str(Verification):
+                context.scu_role = True
+                context.scp_role = True
 
     def _make_ae(self) -> AE:
         dimse = self.settings.dimse
@@ -145,6 +161,9 @@ class DimseNode:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self.find.handle),
+            (evt.EVT_C_MOVE, self.retrieve.handle_move),
+            (evt.EVT_C_GET, self.retrieve.handle_get),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),

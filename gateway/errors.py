@@ -9,7 +9,15 @@
     │   │   └── StudyMismatch       0xC409: STOW-RS part whose Study UID differs from the URL
     │   ├── SOPClassMismatch        0xA900: data set SOP Class ≠ the negotiated/declared one
     │   ├── DuplicateInstance       0x0111: a different object with a stored SOP Instance UID
+    │   ├── RejectedInstance        0x0124: an instance an IOCM rejection note removed, sent
+    │   │                           again
     │   └── OutOfResources          0xA700: disk full, unwritable storage, index unavailable
+    ├── RetrieveError               a stored instance could not be served as asked
+    │   ├── InstanceMissing         indexed, but its blob is gone or unreadable (index and
+    │   │                           storage disagree: ``reindex`` repairs); WADO-RS 500,
+    │   │                           C-MOVE failure
+    │   └── TranscodeError          cannot be converted to the requested transfer syntax (no
+    │                               decoder/encoder, or the codec failed); WADO-RS 406
     └── FhirError                   a request to the FHIR server (or its token endpoint) failed
         ├── FhirTransientError      try again later: no connection, timeout, 408, 429, 5xx,
         │                           token endpoint unreachable; ``retry_after`` from the server
@@ -21,8 +29,9 @@
                                     certificate not trusted
 
 Each entry point maps these in one place: DIMSE returns ``status``; STOW-RS puts ``status`` in
-Failure Reason (0008,1197) and derives the HTTP status; the CLI prints ``str(error)``; the
-publisher backs off on ``FhirTransientError`` and dead-letters on ``FhirPermanentError``.
+Failure Reason (0008,1197) and derives the HTTP status; WADO maps RetrieveError to an HTTP
+status (``gateway/wado.py``); the CLI prints ``str(error)``; the publisher backs off on
+``FhirTransientError`` and dead-letters on ``FhirPermanentError``.
 Messages never contain patient names or IDs (they end up in logs and on the wire), nor secrets:
 FHIR errors name the method and the path without its query string.
 """
@@ -75,10 +84,29 @@ class DuplicateInstance(StoreError):
     status = 0x0111
 
 
+class RejectedInstance(StoreError):
+    """Refused: Not Authorized (PS3.7 C.4, 0x0124): the instance was rejected by an IOCM Key
+    Object Selection (wrong patient, quality, retention…) and must not come back."""
+
+    status = 0x0124
+
+
 class OutOfResources(StoreError):
     """Refused: Out of Resources (0xA700): the sender should retry later."""
 
     status = 0xA700
+
+
+class RetrieveError(GatewayError):
+    """A located instance could not be served in the form asked for (``gateway.retrieve``)."""
+
+
+class InstanceMissing(RetrieveError):
+    """The index lists the instance but its blob is missing or unreadable."""
+
+
+class TranscodeError(RetrieveError):
+    """The instance cannot be converted to the requested transfer syntax."""
 
 
 class FhirError(GatewayError):

@@ -125,6 +125,16 @@ outbox = Table(
     Column("last_error", String),
     Column("updated_at", Float, nullable=False),
 )
+#: Instances rejected by an IOCM Key Object Selection (PS3.3 KOS titles 113001, 113037-113039):
+#: removed from the archive and refused if they are sent again.
+rejected = Table(
+    "rejected", metadata,
+    Column("SOPInstanceUID", String(64), primary_key=True),
+    Column("StudyInstanceUID", String(64), nullable=False),
+    Column("reason", String, nullable=False),  # the note's Concept Name code value
+    Column("note_uid", String(64), nullable=False),  # SOP Instance UID of the rejection note
+    Column("rejected_at", Float, nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,17 @@ class StoredInstance:
     transfer_syntax_uid: str
     blob_key: str
     blob_size: int
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A study claimed for publishing: why it was queued, how many attempts failed before,
+    and the claim's token (see :meth:`Index.claim_due`)."""
+
+    study_uid: str
+    reason: str
+    attempts: int
+    token: float
 
 
 class _WriterLock:
@@ -246,6 +267,7 @@ class Index:
     _stmt_study_state: Any
     _stmt_outbox: Any
     _stmt_study_counts: Any
+    _stmt_rejected: Any
 
     def __init__(self, url: str, *, quiet_seconds: float = 0.0) -> None:
         self.url = url
@@ -363,8 +385,10 @@ class Index:
                 ModalitiesInStudy=bindparam("modalities"),
                 SOPClassesInStudy=bindparam("classes"),
                 attributes=bindparam("merged", type_=JSON)))
+        self._stmt_rejected = select(rejected.c.reason, rejected.c.note_uid).where(
+            rejected.c.SOPInstanceUID == bindparam("sop"))
         for name in ("patient", "study", "series", "instance", "find", "old_series",
-                     "series_plus", "study_state", "outbox", "study_counts"):
+                     "series_plus", "study_state", "outbox", "study_counts", "rejected"):
             attribute = f"_stmt_{name}"
             setattr(self, attribute, _Prepared(getattr(self, attribute), self.engine.dialect,
                                                raw=self.is_sqlite))
@@ -483,6 +507,151 @@ class Index:
             ModalitiesInStudy="\\".join(sorted({r[0] for r in rows if r[0]})) or None,
             SOPClassesInStudy="\\".join(sorted(classes)) or None,
         ))
+
+    # -- the publish outbox ------------------------------------------------------------------------
+    def claim_due(self, *, limit: int, lease_seconds: float,
+                  now: float | None = None) -> list[OutboxItem]:
+        """Take up to ``limit`` studies due for publishing: pending ones whose quiet period
+        has passed, and claimed ones whose lease ran out (a publisher that died mid-way).
+
+        Each is leased for ``lease_seconds`` (``due_at`` moves to the end of the lease) and
+        stamped with a token (``updated_at``): :meth:`finish_publish` removes the row only if
+        no store re-queued the study meanwhile. On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets
+        several replicas claim side by side without taking the same study.
+        """
+        now = time.time() if now is None else now
+        stmt = (select(outbox.c.StudyInstanceUID, outbox.c.reason, outbox.c.attempts)
+                .where(outbox.c.state.in_(("pending", "publishing")), outbox.c.due_at <= now)
+                .order_by(outbox.c.due_at).limit(limit))
+        if not self.is_sqlite:
+            stmt = stmt.with_for_update(skip_locked=True)
+        claimed: list[OutboxItem] = []
+        with self.write() as conn:
+            for uid, reason, attempts in conn.execute(stmt).all():
+                token = now + len(claimed) * 1e-6  # distinct per row, monotonic per claim
+                conn.execute(update(outbox).where(outbox.c.StudyInstanceUID == uid).values(
+                    state="publishing", due_at=now + lease_seconds, updated_at=token))
+                claimed.append(OutboxItem(uid, reason, attempts, token))
+        return claimed
+
+    def finish_publish(self, item: OutboxItem) -> bool:
+        """Drop the outbox row of a published study, unless it was re-queued meanwhile
+        (then it stays pending and is published again). True if removed."""
+        with self.write() as conn:
+            result = conn.execute(delete(outbox).where(
+                outbox.c.StudyInstanceUID == item.study_uid, outbox.c.updated_at == item.token))
+        return bool(result.rowcount)
+
+    def retry_publish(self, item: OutboxItem, *, due_at: float, error: str,
+                      state: str = "pending") -> None:
+        """Schedule another attempt (``state`` ``pending``) or park the study for an operator
+        (``failed``, the dead letter) with the reason; a study re-queued meanwhile by a store
+        keeps its new schedule."""
+        with self.write() as conn:
+            conn.execute(update(outbox).where(
+                outbox.c.StudyInstanceUID == item.study_uid, outbox.c.updated_at == item.token,
+            ).values(state=state, due_at=due_at, attempts=item.attempts + 1,
+                     last_error=error[:2000], updated_at=time.time()))
+
+    def outbox_rows(self, *, states: tuple[str, ...] | None = None,
+                    study_uid: str | None = None) -> list[dict[str, Any]]:
+        """The outbox as rows (for ``publish --failed`` and ``/api/publish``)."""
+        stmt = select(outbox).order_by(outbox.c.due_at)
+        if states is not None:
+            stmt = stmt.where(outbox.c.state.in_(states))
+        if study_uid is not None:
+            stmt = stmt.where(outbox.c.StudyInstanceUID == study_uid)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
+    def replay(self, study_uid: str | None = None, *, now: float | None = None) -> int:
+        """Make failed studies (or one study, whatever its state) due again now; returns how
+        many. A study with no outbox row (already published) is queued afresh."""
+        now = time.time() if now is None else now
+        with self.write() as conn:
+            if study_uid is None:
+                result = conn.execute(update(outbox).where(outbox.c.state == "failed").values(
+                    state="pending", due_at=now, attempts=0, updated_at=now))
+                return int(result.rowcount)
+            self._stmt_outbox(conn, {
+                "StudyInstanceUID": study_uid, "due_at": now, "reason": "replay",
+                "state": "pending", "attempts": 0, "last_error": None, "updated_at": now})
+            return 1
+
+    def study_snapshot(self, study_uid: str) -> dict[str, Any] | None:
+        """Everything the index holds about one study, for the FHIR mapping: ``study`` and
+        ``patient`` rows, ``series`` rows (each with its ``instances``), or None if the study
+        is not (or no longer) stored."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(study).where(study.c.StudyInstanceUID == study_uid)).first()
+            if row is None:
+                return None
+            study_row = dict(row._mapping)
+            patient_row = dict(conn.execute(select(patient).where(
+                patient.c.id == study_row["patient_id"])).one()._mapping)
+            series_rows = [dict(r._mapping) for r in conn.execute(
+                select(series).where(series.c.study_id == study_row["id"]))]
+            by_id = {s["id"]: s for s in series_rows}
+            for s in series_rows:
+                s["instances"] = []
+            for r in conn.execute(select(instance).where(
+                    instance.c.series_id.in_(list(by_id)))):
+                by_id[r.series_id]["instances"].append(dict(r._mapping))
+        for row_with_json in (study_row, *series_rows):
+            if isinstance(row_with_json.get("attributes"), str):
+                row_with_json["attributes"] = json.loads(row_with_json["attributes"])
+        return {"study": study_row, "patient": patient_row, "series": series_rows}
+
+    # -- removal ---------------------------------------------------------------------------------
+    def remove(self, conn: Connection, *, study_uid: str, series_uid: str | None = None,
+               sop_uids: list[str] | None = None, reason: str) -> list[StoredInstance]:
+        """Delete the index rows of a study, a series or some instances of a study, in
+        ``conn``'s transaction; counts follow, emptied series, studies and patients go, and
+        each touched study is queued for publishing with ``reason``. Returns what was removed
+        (the caller deletes the blobs once the transaction has committed)."""
+        stmt = (select(instance.c.SOPInstanceUID, study.c.StudyInstanceUID,
+                       series.c.SeriesInstanceUID, instance.c.SOPClassUID,
+                       instance.c.TransferSyntaxUID, instance.c.blob_key, instance.c.blob_size,
+                       instance.c.id, series.c.id, study.c.id, study.c.patient_id)
+                .select_from(instance.join(series).join(study))
+                .where(study.c.StudyInstanceUID == study_uid))
+        if series_uid is not None:
+            stmt = stmt.where(series.c.SeriesInstanceUID == series_uid)
+        if sop_uids is not None:
+            stmt = stmt.where(instance.c.SOPInstanceUID.in_(sop_uids))
+        rows = conn.execute(stmt).all()
+        if not rows:
+            return []
+        conn.execute(delete(instance).where(instance.c.id.in_([r[7] for r in rows])))
+        for series_id, study_id in sorted({(r[8], r[9]) for r in rows}):
+            self._refresh_counts(conn, series_id, study_id)
+        for study_id, patient_id in sorted({(r[9], r[10]) for r in rows}):
+            left = conn.execute(select(func.count()).select_from(series)
+                                .where(series.c.study_id == study_id)).scalar_one()
+            if left == 0:
+                conn.execute(delete(study).where(study.c.id == study_id))
+                others = conn.execute(select(func.count()).select_from(study)
+                                      .where(study.c.patient_id == patient_id)).scalar_one()
+                if others == 0:
+                    conn.execute(delete(patient).where(patient.c.id == patient_id))
+        self.queue_publish(conn, study_uid, reason)
+        return [StoredInstance(*r[:7]) for r in rows]
+
+    def reject(self, conn: Connection, references: list[tuple[str, str]], *, reason: str,
+               note_uid: str) -> None:
+        """Remember ``(study_uid, sop_uid)`` pairs as rejected (an IOCM note), so they are
+        refused if sent again."""
+        now = time.time()
+        stmt = self._insert(rejected).values([
+            {"SOPInstanceUID": sop, "StudyInstanceUID": study_uid, "reason": reason,
+             "note_uid": note_uid, "rejected_at": now} for study_uid, sop in references])
+        conn.execute(stmt.on_conflict_do_nothing(index_elements=["SOPInstanceUID"]))
+
+    def rejection_of(self, sop_uid: str) -> tuple[str, str] | None:
+        """(reason code, note UID) if this instance was rejected by an IOCM note."""
+        with self.engine.connect() as conn:
+            row = self._stmt_rejected(conn, {"sop": sop_uid}).first()
+        return (row[0], row[1]) if row else None
 
     def clear(self) -> None:
         """Delete every row (``reindex`` rebuilds from the blobs). The outbox is kept."""

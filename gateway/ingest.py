@@ -25,21 +25,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pydicom
+
 from gateway.errors import (
     DuplicateInstance,
     InvalidInstance,
     OutOfResources,
+    RejectedInstance,
     SOPClassMismatch,
     StoreError,
     StudyMismatch,
 )
-from gateway.index import Index
+from gateway.index import Index, StoredInstance
 from gateway.records import InstanceRecord, read_instance
 from gateway.storage import FileStorage, instance_key
 
 log = logging.getLogger("gateway.ingest")
 
-Outcome = Literal["stored", "unchanged", "replaced"]
+Outcome = Literal["stored", "unchanged", "replaced", "rejection-applied"]
+
+#: Key Object Selection Document Storage (PS3.4 B.5).
+KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+#: Document titles of IOCM rejection notes (PS3.16 CID 7011; IHE RAD TF-1 IOCM), by DCM code.
+REJECTION_TITLES = {
+    "113001": "Rejected for Quality Reasons",
+    "113037": "Rejected for Patient Safety Reasons",
+    "113038": "Incorrect Modality Worklist Entry",
+    "113039": "Data Retention Policy Expired",
+}
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,18 @@ class Ingest:
         """
         record = read_instance(path)
         self._validate(record, expected_sop_class, expected_sop_uid, expected_study_uid)
+        if record.sop_class_uid == KOS_SOP_CLASS:
+            note = rejection_note(path)
+            if note is not None:
+                self._apply_rejection(record, *note)
+                if move:
+                    path.unlink(missing_ok=True)
+                return self._result("rejection-applied", record)
+        rejection = self.index.rejection_of(record.sop_uid)
+        if rejection is not None:
+            raise RejectedInstance(
+                f"SOP Instance {record.sop_uid} was rejected by note {rejection[1]} "
+                f"({REJECTION_TITLES.get(rejection[0], rejection[0])}); it is not stored again")
         existing = self.index.find_instance(record.sop_uid)
         outcome: Outcome = "stored"
         if existing is not None:
@@ -236,6 +261,45 @@ class Ingest:
             self.storage.delete(existing.blob_key)
         return self._result(outcome, record)
 
+    # -- removal ---------------------------------------------------------------------------------
+    def delete(self, study_uid: str, series_uid: str | None = None,
+               sop_uid: str | None = None, *, reason: str = "deleted") -> int:
+        """Delete a study, a series or an instance: index rows first (in one transaction, so
+        nothing removed is served any more, and the study is queued for publishing), then
+        the blobs. Returns how many instances went."""
+        with self.index.write() as conn:
+            removed = self.index.remove(conn, study_uid=study_uid, series_uid=series_uid,
+                                        sop_uids=[sop_uid] if sop_uid else None, reason=reason)
+        self._delete_blobs(removed)
+        log.info("deleted %d instances of study %s (%s)", len(removed), study_uid, reason)
+        return len(removed)
+
+    def _apply_rejection(self, note: InstanceRecord, reason: str,
+                         references: list[tuple[str, str]]) -> None:
+        """IOCM (IHE RAD TF-2 RAD-66): the referenced instances leave every query and
+        retrieve and are deleted; they are remembered so a re-send is refused. The note
+        itself is not kept as an instance (a study must not survive as its own rejection)."""
+        removed = []
+        with self.index.write() as conn:
+            self.index.reject(conn, references, reason=reason, note_uid=note.sop_uid)
+            by_study: dict[str, list[str]] = {}
+            for study_uid, sop in references:
+                by_study.setdefault(study_uid, []).append(sop)
+            for study_uid, sops in by_study.items():
+                removed += self.index.remove(conn, study_uid=study_uid, sop_uids=sops,
+                                             reason=f"rejected-{reason}")
+        self._delete_blobs(removed)
+        log.info("rejection note %s (%s) removed %d of %d referenced instances", note.sop_uid,
+                 reason, len(removed), len(references))
+
+    def _delete_blobs(self, removed: list[StoredInstance]) -> None:
+        for gone in removed:
+            try:
+                self.storage.delete(gone.blob_key)
+            except OSError as exc:  # the row is gone, so the blob is never served
+                log.error("blob %s of a removed instance could not be deleted (%s); "
+                          "reindex would bring it back", gone.blob_key, exc)
+
     def index_blob(self, key: str) -> StoreResult:
         """(Re)create the index rows of an already stored blob (``reindex``)."""
         path = self.storage.path_for(key)
@@ -243,6 +307,9 @@ class Ingest:
         expected = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         if expected != key:
             raise InvalidInstance(f"blob {key} holds an instance whose UIDs say {expected}")
+        if self.index.rejection_of(record.sop_uid) is not None:
+            raise RejectedInstance(f"blob {key} is an instance rejected by an IOCM note; "
+                                   "not indexed again")
         with self.index.write() as conn:
             self.index.upsert_instance(conn, record, blob_key=key, blob_size=path.stat().st_size,
                                        source="reindex")
@@ -279,3 +346,28 @@ class Ingest:
     def _result(outcome: Outcome, record: InstanceRecord) -> StoreResult:
         return StoreResult(outcome, record.sop_class_uid, record.sop_uid, record.study_uid,
                            record.series_uid, record.transfer_syntax_uid)
+
+
+def rejection_note(path: Path) -> tuple[str, list[tuple[str, str]]] | None:
+    """For a Key Object Selection whose title is an IOCM rejection (DCM 113001, 113037,
+    113038, 113039): the title's code and the ``(study_uid, sop_uid)`` pairs it references in
+    Current Requested Procedure Evidence Sequence (PS3.3 C.17.2). None for any other KOS."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    titles = ds.get("ConceptNameCodeSequence") or []
+    if not titles:
+        return None
+    code = str(titles[0].get("CodeValue", ""))
+    if code not in REJECTION_TITLES or titles[0].get("CodingSchemeDesignator") != "DCM":
+        return None
+    references = []
+    for study_item in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
+        study_uid = str(study_item.get("StudyInstanceUID", ""))
+        for series_item in study_item.get("ReferencedSeriesSequence") or []:
+            for sop_item in series_item.get("ReferencedSOPSequence") or []:
+                sop = str(sop_item.get("ReferencedSOPInstanceUID", ""))
+                if sop and study_uid:
+                    references.append((study_uid, sop))
+    if not references:
+        raise InvalidInstance("IOCM rejection note references no instances "
+                              "(Current Requested Procedure Evidence Sequence is empty)")
+    return code, references

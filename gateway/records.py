@@ -55,6 +55,19 @@ _WANTED_KEYWORDS = ("SpecificCharacterSet", "StudyInstanceUID", "SeriesInstanceU
                     *SERIES_KEYWORDS, *SERIES_JSON_KEYWORDS, *INSTANCE_KEYWORDS)
 INTEGER_KEYWORDS = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
                     "NumberOfFrames"}
+PN_KEYWORDS = {"PatientName", "ReferringPhysicianName", "PerformingPhysicianName",
+               "OperatorsName"}
+
+
+def normalize_pn(value: str) -> str:
+    """A Person Name without its insignificant trailing separators (PS3.5 §6.2.1.1: trailing
+    empty components and groups may be omitted), so ``DOE^JOHN^^^`` and ``DOE^JOHN`` are the
+    same name to the matcher. Multiple values stay separated by ``\\``."""
+    names = []
+    for name in value.split("\\"):
+        groups = [group.rstrip("^ ") for group in name.split("=")]
+        names.append("=".join(groups).rstrip("="))
+    return "\\".join(names)
 
 
 @dataclass(frozen=True)
@@ -170,8 +183,12 @@ def _text(elements: Elements, keyword: str) -> Any:
         except (TypeError, ValueError):
             return None
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value) or None
-    return str(value).strip() or None
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value).strip()
+    if keyword in PN_KEYWORDS:
+        text = normalize_pn(text)
+    return text or None
 
 
 def _json(elements: Elements, keywords: tuple[str, ...]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from gateway import dicomweb
+from gateway import dicomweb, qido, wado  # noqa: F401  (qido registers its routes on dicomweb.bp)
 from gateway.bootstrap import Services
 
 
@@ -43,6 +43,8 @@ def create_app(services: Services) -> Flask:
     app.extensions["gateway"] = services
     app.config["MAX_CONTENT_LENGTH"] = None  # STOW-RS enforces http.max_request_bytes itself
     app.register_blueprint(dicomweb.bp, url_prefix="/dicomweb")
+    app.register_blueprint(wado.bp, url_prefix="/dicomweb")
+    app.register_blueprint(wado.uri_bp, url_prefix="/wado")
 
     @app.get("/healthz")
     def healthz() -> Response:

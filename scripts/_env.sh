@@ -28,27 +28,25 @@ ensure_venv() {  # ensure_venv EXTRAS : .venv with the project installed (editab
   fi
 }
 
-INFRA="$ROOT/.infra"  # test servers, git-ignored
+npm_install() {  # npm_install DIR : DIR's package.json + package-lock.json → .infra/node/<name>
+  local src="$ROOT/$1" dest="$ROOT/.infra/node/$(basename "$1")"
+  command -v npm >/dev/null || { echo "npm_install: node >= 20 and npm are needed" >&2; return 1; }
+  local stamp="$dest/.installed-$(cat "$src/package.json" "$src/package-lock.json" | sha1sum | cut -c1-12)"
+  [ -f "$stamp" ] && return 0
+  echo "== npm ci ($1 -> .infra/node/$(basename "$1"))" >&2
+  mkdir -p "$dest"
+  rm -f "$dest"/.installed-*
+  cp "$src/package.json" "$src/package-lock.json" "$dest/"
+  (cd "$dest" && npm ci --no-audit --no-fund --loglevel=error >&2) && touch "$stamp"
+}
 
 install_sekmet() {  # install_sekmet : the test FHIR server (sekmet-fhir, PyPI) in its own venv
-  local version=0.1.1 venv="$INFRA/sekmet-venv"
+  local version=0.1.1 venv="$ROOT/.infra/sekmet-venv"
   [ -f "$venv/.installed-$version" ] && return 0
   echo "== sekmet-fhir $version into .infra/sekmet-venv" >&2
   rm -rf "$venv"
-  mkdir -p "$INFRA"
+  mkdir -p "$ROOT/.infra"
   "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q "sekmet-fhir==$version" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$venv/bin/python" -c "import sekmet.main" && touch "$venv/.installed-$version"
-}
-
-npm_install() {  # npm_install DIR PACKAGE@VERSION... : node packages into DIR/node_modules, once per list
-  local dir=$1; shift
-  local stamp
-  stamp="$dir/.installed-$(echo "$*" | sha1sum | cut -c1-12)"
-  [ -f "$stamp" ] && return 0
-  command -v npm >/dev/null || apt_install nodejs npm
-  echo "== npm install $* into ${dir#"$ROOT"/}" >&2
-  mkdir -p "$dir"
-  [ -f "$dir/package.json" ] || echo '{"private": true}' > "$dir/package.json"
-  (cd "$dir" && npm install --no-fund --no-audit --loglevel=error "$@" >/dev/null) && touch "$stamp"
 }

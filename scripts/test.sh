@@ -4,8 +4,9 @@
 source "$(dirname "$0")/_env.sh"
 apt_install dcmtk
 ensure_venv "[test]"
-install_sekmet                                      # FHIR server (tests/fhir_servers.py)
-npm_install "$INFRA/oauth" oidc-provider@9.13.3     # OAuth2 authorization server (idem)
+npm_install tests/fhir   # Medplum FHIR validator for tests/test_fhir_maps.py
+npm_install tests/oauth  # oidc-provider, the OAuth2 server of tests/fhir_servers.py
+install_sekmet           # sekmet-fhir, the FHIR server of tests/fhir_servers.py
 cd "$ROOT"
 echo "== ruff" >&2
 "$VENV/bin/ruff" check gateway fhir_maps tests bench

@@ -4,7 +4,7 @@
   certificate made for the session, with its own SMART Backend Services token endpoint
   (``/auth/token``, discovered through ``/fhir/.well-known/smart-configuration``). Its tokens
   are HS256 JWTs that only sekmet itself validates. Fresh data directory per session.
-- :class:`OAuthServer`: oidc-provider 9.13.3 (node, ``tests/oauth_server.mjs``), a separate
+- :class:`OAuthServer`: oidc-provider 9.13.3 (node, ``tests/oauth/server.mjs``), a separate
   authorization server issuing RS256 JWT access tokens for client_secret_basic,
   client_secret_post and private_key_jwt clients.
 - :class:`ResourceServer`: what an EMR puts in front of its FHIR store when tokens come from a
@@ -19,9 +19,10 @@ Also here, for tests of anything that talks FHIR: :func:`study` (a minimal Imagi
 :class:`FailureServer` (fixture ``failing``), a tiny HTTP server for failure injection only
 (429/503 with Retry-After, 401 forever, no answer in time, a token endpoint that records).
 
-Both servers are installed by ``scripts/test.sh`` (``install_sekmet`` and ``npm_install`` in
-``scripts/_env.sh``) into the git-ignored ``.infra/``. Client keys (RSA 2048 for RS384, EC P-384
-for ES384) are generated per session and registered with both servers.
+Both servers are installed by ``scripts/test.sh`` (``install_sekmet`` and
+``npm_install tests/oauth`` in ``scripts/_env.sh``) into the git-ignored ``.infra/``. Client
+keys (RSA 2048 for RS384, EC P-384 for ES384) are generated per session and registered with both
+servers.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ from gateway.fhir_client import ClientCredentials, FhirClient
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / ".infra"
 SEKMET_BIN = INFRA / "sekmet-venv" / "bin" / "sekmet"
-OAUTH_MODULES = INFRA / "oauth" / "node_modules"
-OAUTH_SCRIPT = Path(__file__).with_name("oauth_server.mjs")
+OAUTH_MODULES = INFRA / "node" / "oauth" / "node_modules"  # npm_install tests/oauth
+OAUTH_SCRIPT = Path(__file__).parent / "oauth" / "server.mjs"
 
 #: The scopes the gateway asks for by default (gateway.config) plus a few more.
 SCOPES = ("system/ImagingStudy.crus system/Endpoint.crus system/Patient.rs "
@@ -257,7 +258,8 @@ class OAuthServer:
 
     def start(self) -> OAuthServer:
         if not (OAUTH_MODULES / "oidc-provider").is_dir():
-            pytest.fail("oidc-provider is not installed: run scripts/test.sh (npm_install)")
+            pytest.fail("oidc-provider is not installed: run scripts/test.sh "
+                        "(npm_install tests/oauth)")
         # ES modules resolve packages next to the script: run a copy beside node_modules.
         self.root.mkdir(parents=True, exist_ok=True)
         script = self.root / "server.mjs"

@@ -16,8 +16,11 @@ no file for a few syntaxes; those are derived here, each with a real, decodable 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
 from conftest import pydicom_file
@@ -91,3 +94,104 @@ def fresh_copies(directory: Path, count: int, source: str = "CT_small.dcm") -> l
         ds.save_as(path)
         files.append(path)
     return files
+
+
+def synthetic_instance(directory: Path, **attributes: object) -> Path:
+    """A small Part 10 file (Secondary Capture, no pixel data) with the given attributes, by
+    keyword; a sequence is given as a list of dicts. UIDs not given are generated. Returns
+    the file's path (named by its SOP Instance UID)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    for keyword, value in attributes.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            items = []
+            for fields in value:
+                item = Dataset()
+                for sub_keyword, sub_value in fields.items():
+                    setattr(item, sub_keyword, sub_value)
+                items.append(item)
+            setattr(ds, keyword, items)
+        else:
+            setattr(ds, keyword, value)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    path = directory / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+#: A small archive with known attributes for the query tests (C-FIND, QIDO-RS, the engine):
+#: three patients, three studies, four series, five instances.
+S1, S2, S3 = (f"1.2.826.0.1.3680043.10.1.{n}" for n in (1, 2, 3))
+SE_A, SE_B, SE_C, SE_D = (f"1.2.826.0.1.3680043.10.2.{n}" for n in (1, 2, 3, 4))
+
+ARCHIVE: list[dict[str, object]] = [
+    # Patient P1, study S1: a CT series of two images and an SR series.
+    *({"PatientID": "P1", "PatientName": "DOE^JOHN", "PatientBirthDate": "19700101",
+       "PatientSex": "M", "StudyInstanceUID": S1, "StudyDate": "20240315",
+       "StudyTime": "101500", "AccessionNumber": "ACC1", "StudyDescription": "CT CHEST",
+       "SeriesInstanceUID": SE_A, "Modality": "CT", "SeriesNumber": 1, "InstanceNumber": n}
+      for n in (1, 2)),
+    {"PatientID": "P1", "PatientName": "DOE^JOHN", "StudyInstanceUID": S1,
+     "StudyDate": "20240315", "StudyTime": "101500", "AccessionNumber": "ACC1",
+     "StudyDescription": "CT CHEST", "SeriesInstanceUID": SE_B, "Modality": "SR",
+     "SeriesNumber": 2, "InstanceNumber": 1},
+    # Patient P2, study S2: MR of the head, with request attributes.
+    {"PatientID": "P2", "PatientName": "Doe^Jane", "StudyInstanceUID": S2,
+     "StudyDate": "20231231", "StudyTime": "235959", "AccessionNumber": "ACC_2%",
+     "StudyDescription": "MR HEAD", "SeriesInstanceUID": SE_C, "Modality": "MR",
+     "SeriesNumber": 1, "BodyPartExamined": "HEAD", "InstanceNumber": 1,
+     "RequestAttributesSequence": [{"ScheduledProcedureStepID": "SPS9",
+                                    "RequestedProcedureID": "RP1"}]},
+    # Patient P3 (name sent with empty trailing components), study S3.
+    {"PatientID": "P3", "PatientName": "O'BRIEN^ANN^^^", "StudyInstanceUID": S3,
+     "StudyDate": "20250101", "StudyTime": "0800", "AccessionNumber": "A3",
+     "StudyDescription": "ct abdomen [contrast]", "SeriesInstanceUID": SE_D,
+     "Modality": "CT", "SeriesNumber": 1, "InstanceNumber": 1},
+]
+
+
+def write_archive(directory: Path) -> list[Path]:
+    """The files of :data:`ARCHIVE`, written to ``directory``."""
+    return [synthetic_instance(directory, **attributes) for attributes in ARCHIVE]
+
+
+def synthetic(pixels: np.ndarray[Any, Any], *, study: str, series: str, series_number: int = 1,
+              instance_number: int = 1, photometric: str = "MONOCHROME2",
+              **attrs: Any) -> Dataset:
+    """A minimal image (Secondary Capture) with the given 16-bit grey pixels ((frames,) rows,
+    columns), Explicit VR Little Endian."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = "WADO-TEST"
+    ds.PatientName = "Test^Wado"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "OT"
+    ds.SeriesNumber, ds.InstanceNumber = series_number, instance_number
+    signed = pixels.dtype.kind == "i"
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
+    for name, value in attrs.items():
+        setattr(ds, name, value)
+    return ds

@@ -33,3 +33,14 @@ def test_adapters_do_not_import_entry_points() -> None:
                    "fhir_client", "fhir_http", "oauth_client"):
         names = imports_of(ROOT / "gateway" / f"{module}.py")
         assert not names & entry_points, f"gateway.{module} imports {names & entry_points}"
+
+
+def test_retrieve_and_render_are_protocol_neutral() -> None:
+    """gateway.retrieve serves WADO today and C-MOVE/C-GET later; gateway.render serves WADO-RS
+    and WADO-URI: neither knows HTTP or DIMSE."""
+    forbidden = {"flask", "werkzeug", "pynetdicom", "requests"}
+    for module in ("retrieve", "render"):
+        names = imports_of(ROOT / "gateway" / f"{module}.py")
+        assert not {n.split(".")[0] for n in names} & forbidden, f"gateway.{module}"
+        assert not names & {"gateway.dimse", "gateway.dicomweb", "gateway.wado", "gateway.web",
+                            "gateway.cli"}, f"gateway.{module} imports an entry point"

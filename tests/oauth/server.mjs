@@ -6,9 +6,10 @@
 //                          RFC 8707), verifiable with the keys at /jwks
 //   discovery:             /.well-known/openid-configuration (alias oauth-authorization-server)
 //
-// Started by tests/fhir_servers.py; oidc-provider is installed by scripts/_env.sh into
-// .infra/oauth, next to which this file is copied before it runs (ES modules resolve packages
-// from the script's own directory).
+// Started by tests/fhir_servers.py; oidc-provider (package.json, package-lock.json here) is
+// installed by scripts/test.sh (npm_install tests/oauth) into .infra/node/oauth. ES modules
+// resolve packages from the script's own directory, so the fixture runs a copy of this file
+// placed beside a link to that node_modules.
 //
 // env: CLIENTS_FILE  JSON list of {client_id, client_secret?, token_endpoint_auth_method?, jwks?}
 //      RESOURCE      audience of the issued tokens (the protected FHIR base URL)

@@ -1,0 +1,184 @@
+"""The one query engine (gateway.query) against the matching rules of PS3.4 C.2.2.2.
+
+A small archive with known attributes is stored through the real write path; each case is a
+query and the studies/series it must find, with the clause of the standard it checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.bootstrap import Services, build_services
+from gateway.config import load_settings
+from gateway.query import Condition, Query, QueryError, conditions_from_pairs, run
+
+from samples import ARCHIVE, S1, S2, S3, SE_A, SE_B, SE_C, synthetic_instance
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    root = tmp_path_factory.mktemp("query")
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(root / "data")}})
+    built = build_services(settings)
+    for attributes in ARCHIVE:
+        built.ingest.store_file(synthetic_instance(root, **attributes), move=True,
+                                source="test")
+    yield built
+    built.close()
+
+
+def find(services: Services, level: str, *pairs: tuple[str, str], fuzzy: bool = False,
+         limit: int | None = None, offset: int = 0) -> list[str]:
+    """Unique keys of the matches of a query, ``pairs`` as QIDO-RS gives them."""
+    conditions = conditions_from_pairs(
+        (name, value.split(",") if "UID" in name or "InStudy" in name else [value])
+        for name, value in pairs)
+    result = run(services.index, Query(level, conditions, fuzzy=fuzzy, limit=limit,
+                                       offset=offset))
+    key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+           "PATIENT": "PatientID", "IMAGE": "SOPInstanceUID"}[level]
+    return sorted(m[key] for m in result.matches)
+
+
+CASES = [
+    # (clause, level, query, expected)
+    ("C.2.2.2.1 single value is case-sensitive", "STUDY",
+     [("StudyDescription", "CT CHEST")], [S1]),
+    ("C.2.2.2.1 single value is case-sensitive", "STUDY",
+     [("StudyDescription", "ct chest")], []),
+    ("C.2.2.2.1 PN case-insensitive (as stated in the conformance statement)", "STUDY",
+     [("PatientName", "doe^john")], [S1]),
+    ("PS3.5 6.2.1.1 trailing empty PN components are insignificant", "STUDY",
+     [("PatientName", "O'BRIEN^ANN")], [S3]),
+    ("PS3.5 6.2.1.1 trailing empty PN components are insignificant", "STUDY",
+     [("PatientName", "DOE^JOHN^^")], [S1]),
+    ("C.2.2.2.2 list of UIDs", "STUDY", [("StudyInstanceUID", f"{S1},{S3}")], [S1, S3]),
+    ("C.2.2.2.3 universal matching", "STUDY", [("PatientName", "")], [S1, S2, S3]),
+    ("C.2.2.2.4 '*' alone is universal", "STUDY", [("StudyDescription", "*")], [S1, S2, S3]),
+    ("C.2.2.2.4 wildcard *", "STUDY", [("PatientName", "Doe*")], [S1, S2]),
+    ("C.2.2.2.4 wildcards stay case-sensitive", "STUDY", [("StudyDescription", "CT*")], [S1]),
+    ("C.2.2.2.4 wildcard ?", "STUDY", [("StudyDescription", "?T CHEST")], [S1]),
+    ("SQL's own wildcards are literal: _", "STUDY", [("AccessionNumber", "ACC_*")], [S2]),
+    ("SQL's own wildcards are literal: %", "STUDY", [("AccessionNumber", "ACC%")], []),
+    ("SQL's own wildcards are literal: %", "STUDY", [("AccessionNumber", "*%")], [S2]),
+    ("GLOB's own brackets are literal", "STUDY", [("StudyDescription", "*[contrast]")], [S3]),
+    ("C.2.2.2.5 date range a-", "STUDY", [("StudyDate", "20240101-")], [S1, S3]),
+    ("C.2.2.2.5 date range -b", "STUDY", [("StudyDate", "-20231231")], [S2]),
+    ("C.2.2.2.5 date range a-b", "STUDY", [("StudyDate", "20240101-20241231")], [S1]),
+    ("C.2.2.2.1 single date", "STUDY", [("StudyDate", "20240315")], [S1]),
+    ("C.2.2.2.5 time range, upper bound covers its minute", "STUDY",
+     [("StudyTime", "-1015")], [S1, S3]),
+    ("C.2.2.2.5 time range a-b", "STUDY", [("StudyTime", "0800-1000")], [S3]),
+    ("a TM value names its whole minute", "STUDY", [("StudyTime", "1015")], [S1]),
+    ("ModalitiesInStudy: a study with such a series", "STUDY",
+     [("ModalitiesInStudy", "SR")], [S1]),
+    ("ModalitiesInStudy: list of values", "STUDY",
+     [("ModalitiesInStudy", "CT,MR")], [S1, S2, S3]),
+    ("ModalitiesInStudy: wildcard", "STUDY", [("ModalitiesInStudy", "M?")], [S2]),
+    ("keys of higher levels in a lower-level query", "SERIES",
+     [("PatientID", "P1"), ("Modality", "CT")], [SE_A]),
+    ("series attribute", "SERIES", [("BodyPartExamined", "HEAD")], [SE_C]),
+    ("IS value", "SERIES", [("SeriesNumber", "2")], [SE_B]),
+    ("C.2.2.2.6 sequence matching", "SERIES",
+     [("RequestAttributesSequence.ScheduledProcedureStepID", "SPS9")], [SE_C]),
+    ("C.2.2.2.6 sequence matching with a wildcard", "SERIES",
+     [("RequestAttributesSequence.ScheduledProcedureStepID", "SPS*")], [SE_C]),
+    ("C.2.2.2.6 every key of the item must match", "SERIES",
+     [("RequestAttributesSequence.ScheduledProcedureStepID", "SPS9"),
+      ("RequestAttributesSequence.RequestedProcedureID", "RP2")], []),
+    ("patient level", "PATIENT", [("PatientName", "DOE*")], ["P1", "P2"]),
+    ("tags as 8 hex digits (PS3.18 8.3.4.1)", "STUDY", [("00100020", "P2")], [S2]),
+]
+
+
+@pytest.mark.parametrize(("clause", "level", "pairs", "expected"), CASES,
+                         ids=[f"{c[0]}: {c[2]}" for c in CASES])
+def test_matching_rule(services: Services, clause: str, level: str,
+                       pairs: list[tuple[str, str]], expected: list[str]) -> None:
+    assert find(services, level, *pairs) == sorted(expected), clause
+
+
+FUZZY = [
+    ("jo", [S1]),          # the start of a given name
+    ("doe", [S1, S2]),     # the start of a family name, any case
+    ("ja do", [S2]),       # every word must start some component
+    ("bri", []),           # not the start of a component
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), FUZZY)
+def test_fuzzy_person_name_matching(services: Services, value: str,
+                                    expected: list[str]) -> None:
+    assert find(services, "STUDY", ("PatientName", value), fuzzy=True) == sorted(expected)
+
+
+ERRORS = [
+    ("STUDY", [("StudyDate", "2024*")], "wildcards are not allowed"),
+    ("STUDY", [("StudyDate", "March")], "not a DA value"),
+    ("STUDY", [("StudyInstanceUID", "abc")], "not a valid UID"),
+    ("STUDY", [("Modality", "CT")], "series-level attribute"),
+    ("STUDY", [("Foo", "x")], "not a DICOM attribute"),
+    ("STUDY", [("PatientComments", "x")], "not supported"),
+    ("SERIES", [("SeriesNumber", "two")], "not a number"),
+    ("STUDY", [("StudyDate", "-")], "at least one bound"),
+    ("STUDY", [("NumberOfPatientRelatedStudies", "3")], "returned but not matched"),
+]
+
+
+@pytest.mark.parametrize(("level", "pairs", "message"), ERRORS)
+def test_a_query_it_cannot_run_is_an_error_not_an_empty_answer(
+        services: Services, level: str, pairs: list[tuple[str, str]], message: str) -> None:
+    with pytest.raises(QueryError, match=message):
+        find(services, level, *pairs)
+
+
+def test_an_unsupported_return_key_is_reported_not_refused(services: Services) -> None:
+    result = run(services.index, Query("STUDY", (Condition("PatientComments"),
+                                                 Condition("PatientID", ("P1",)))))
+    assert [m["StudyInstanceUID"] for m in result.matches] == [S1]
+    assert result.unsupported == ["PatientComments"]
+
+
+def test_limit_and_offset_page_through_a_stable_order(services: Services) -> None:
+    first = run(services.index, Query("STUDY", limit=2))
+    rest = run(services.index, Query("STUDY", limit=2, offset=2))
+    assert first.more and not rest.more
+    uids = [m["StudyInstanceUID"] for m in first.matches + rest.matches]
+    assert sorted(uids) == [S1, S2, S3]
+
+
+def test_patient_level_answers_carry_the_related_counts(services: Services) -> None:
+    (p1,) = run(services.index, Query("PATIENT", (Condition("PatientID", ("P1",)),))).matches
+    assert (p1["NumberOfPatientRelatedStudies"], p1["NumberOfPatientRelatedSeries"],
+            p1["NumberOfPatientRelatedInstances"]) == (1, 2, 3)
+
+
+def test_study_answers_carry_the_maintained_study_attributes(services: Services) -> None:
+    (s1,) = run(services.index, Query("STUDY", (Condition("StudyInstanceUID", (S1,)),))).matches
+    assert s1["ModalitiesInStudy"] == "CT\\SR"
+    assert (s1["NumberOfStudyRelatedSeries"], s1["NumberOfStudyRelatedInstances"]) == (2, 3)
+    assert s1["PatientName"] == "DOE^JOHN"
+
+
+@given(st.text(alphabet="ab%_[]*?\\^ ", max_size=8))
+def test_any_wildcard_value_matches_like_the_python_reference(value: str) -> None:
+    """For every value, the SQL the engine builds agrees with a regular-expression reading of
+    C.2.2.2.4 on a fixed set of strings (escaping of %, _, [ and \\ included)."""
+    import re
+    import sqlite3
+
+    from gateway.query import _pattern, _wildcard_tokens
+
+    candidates = ["ab", "a%b", "a_b", "[a]", "a\\b", "", "ba", "a b", "%", "_"]
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+    expected = {c for c in candidates if re.fullmatch(regex, c, re.DOTALL)}
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (v TEXT)")
+    db.executemany("INSERT INTO t VALUES (?)", [(c,) for c in candidates])
+    pattern = _pattern(_wildcard_tokens(value), sqlite=True)
+    got = {r[0] for r in db.execute("SELECT v FROM t WHERE v GLOB ?", (pattern,))}
+    assert got == expected
