@@ -4,10 +4,14 @@ concrete class."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
+from fhir_maps import IdentifierSystems, MappingOptions
 from gateway.config import Settings
+from gateway.fhir_client import FhirClient
 from gateway.index import Index
 from gateway.ingest import Ingest
+from gateway.publisher import Publisher, PublishPolicy
 from gateway.storage import FileStorage
 
 
@@ -19,17 +23,50 @@ class Services:
     storage: FileStorage
     index: Index
     ingest: Ingest
+    publisher: Publisher | None = None
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.stop()
+            self.publisher.client.close()
         self.index.close()
 
 
 def build_services(settings: Settings, *, create_schema: bool = True) -> Services:
     """Open storage and index (creating them if new) and wire the write path."""
     storage = FileStorage(settings.storage_path, fsync=settings.storage["fsync"])
-    index = Index(settings.index_url)
+    index = Index(settings.index_url, quiet_seconds=settings.publish["quiet_seconds"])
     if create_schema:
         index.create_schema()
     ingest = Ingest(storage, index, duplicate_policy=settings.storage["duplicate_policy"],
                     min_free_bytes=settings.storage["min_free_bytes"])
-    return Services(settings=settings, storage=storage, index=index, ingest=ingest)
+    return Services(settings=settings, storage=storage, index=index, ingest=ingest,
+                    publisher=build_publisher(settings, index))
+
+
+def mapping_options(settings: Settings) -> MappingOptions:
+    """What fhir_maps needs to know about this site (``[publish]``, ``[fhir]``, the URL)."""
+    publish = settings.publish
+    zone = publish["timezone"]
+    return MappingOptions(
+        fhir_version=settings.fhir["version"],
+        dicomweb_base_url=settings.dicomweb_url,
+        patient_systems=IdentifierSystems(publish["patient_systems"],
+                                          publish["patient_system"]),
+        accession_systems=IdentifierSystems(publish["accession_systems"],
+                                            publish["accession_system"]),
+        default_timezone=ZoneInfo(zone) if zone else None)
+
+
+def build_publisher(settings: Settings, index: Index) -> Publisher | None:
+    """The FHIR publisher, or None when ``fhir.base_url`` is not set (publishing off)."""
+    client = FhirClient.from_settings({**settings.fhir, "scope": settings.fhir_scope})
+    if client is None:
+        return None
+    publish = settings.publish
+    policy = PublishPolicy(
+        patient_policy=publish["patient_policy"], on_delete=publish["on_delete"],
+        include_instances=publish["include_instances"],
+        max_backoff=float(publish["max_backoff"]), hold_retry=float(publish["hold_seconds"]),
+        poll_seconds=min(1.0, max(0.1, publish["quiet_seconds"] / 4)))
+    return Publisher(index, client, mapping_options(settings), policy)

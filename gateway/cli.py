@@ -7,6 +7,7 @@ usage (one line on stderr naming the key).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -113,6 +114,9 @@ def serve(settings: Settings) -> int:
         node = DimseNode(settings, services.ingest)
         host, port = node.start()
         dimse_address = f"{host}:{port}"
+    if services.publisher is not None:
+        services.publisher.start()
+        log.info("publishing to FHIR server %s", services.publisher.client.base_url)
     in_flight = InFlight(create_app(services))
     handler = type("RequestHandler", (WSGIRequestHandler,),
                    {"timeout": settings.http["read_timeout"]})  # socket timeout per connection
@@ -242,6 +246,40 @@ def reindex(services: Services, *, progress: bool) -> int:
 
 
 # -- main -----------------------------------------------------------------------------------------
+def publish_command(services: Services, *, failed: bool, replay: bool,
+                    study: str | None) -> int:
+    """``imaging-gateway publish``: the operator's view of the FHIR outbox."""
+    if replay:
+        count = services.index.replay(study)
+        print(f"{count} stud{'y' if count == 1 else 'ies'} queued for publishing; a running "
+              "gateway publishes them within seconds")
+        return 0
+    if study is not None and not failed:
+        if services.publisher is None:
+            print("imaging-gateway: publish: fhir.base_url is not set", file=sys.stderr)
+            return 2
+        from fhir_maps import MappingError
+        from gateway.errors import FhirError
+
+        try:
+            written = services.publisher.publish(study)
+        except (FhirError, MappingError) as exc:
+            print(f"imaging-gateway: publish: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(written, indent=2) if written else "nothing to publish or retract")
+        return 0
+    rows = services.index.outbox_rows(states=("failed",) if not study else None,
+                                      study_uid=study)
+    waiting = [r for r in services.index.outbox_rows(states=("pending",))
+               if r["last_error"]] if not study else []
+    for row in [*rows, *waiting]:
+        print(f"{row['StudyInstanceUID']}  {row['state']:<10} attempts={row['attempts']}  "
+              f"{row['last_error'] or ''}")
+    if not rows and not waiting:
+        print("no failed studies")
+    return 1 if rows else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imaging-gateway", description=__doc__.split("\n")[0])
     parser.add_argument("--config", "-c", help="TOML configuration file")
@@ -253,6 +291,15 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("paths", nargs="+", help="files or folders to import")
     imp.add_argument("--jobs", "-j", type=int, default=4, help="parallel files (default 4)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pub = commands.add_parser(
+        "publish", help="FHIR publishing: list failures, replay them, publish a study now")
+    pub.add_argument("--config", "-c", dest="sub_config", help="TOML configuration file")
+    pub.add_argument("--failed", action="store_true",
+                     help="list studies whose publishing failed (with the reason) or waits")
+    pub.add_argument("--replay", action="store_true",
+                     help="retry every failed study (or only --study) as soon as possible")
+    pub.add_argument("--study", help="one Study Instance UID: with --replay, queue it; alone, "
+                                     "publish it now and print the ImagingStudy")
     rei = commands.add_parser("reindex", help="rebuild the index from the stored files")
     rei.add_argument("--config", "-c", dest="sub_config", help="TOML configuration file")
     rei.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -281,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "import":
                 failed = import_paths(services, args.paths, jobs=max(1, args.jobs),
                                       progress=not args.no_progress)
+            elif args.command == "publish":
+                return publish_command(services, failed=args.failed, replay=args.replay,
+                                       study=args.study)
             else:
                 failed = reindex(services, progress=not args.no_progress)
         finally:

@@ -154,6 +154,57 @@ def _seconds(key: str, value: Any) -> float:
     return number
 
 
+def _wait(key: str, value: Any) -> float:
+    """A number of seconds that may be 0."""
+    return 0.0 if value in (0, "0", 0.0) else _seconds(key, value)
+
+
+def _system_map(key: str, value: Any) -> dict[str, str]:
+    """Issuer → identifier system URI: a TOML table, or ``ISSUER=uri,ISSUER2=uri2`` (env)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        if any(not sep for _issuer, sep, _uri in pairs):
+            raise ConfigError(f"{key}: expected ISSUER=system pairs separated by commas, "
+                              f"got {value!r}")
+        value = {issuer.strip(): uri.strip() for issuer, _sep, uri in pairs}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table of issuer = \"system URI\"")
+    found = {}
+    for issuer, uri in value.items():
+        if not str(issuer).strip():
+            raise ConfigError(f"{key}: an issuer must not be empty")
+        found[str(issuer)] = _system_uri(f"{key}.{issuer}", uri)
+    return found
+
+
+def _system_uri(key: str, value: Any) -> str:
+    text = _string(key, value).strip()
+    if not re.match(r"^(urn:|https?://)\S+$", text):
+        raise ConfigError(f"{key}: expected an identifier system URI (urn:oid:…, urn:uuid:…, "
+                          f"http(s)://…), got {value!r}")
+    return text
+
+
+def _optional_system(key: str, value: Any) -> str | None:
+    return None if value is None or value == "" else _system_uri(key, value)
+
+
+def _timezone(key: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    text = _string(key, value).strip()
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{key}: not an IANA time zone name (e.g. Europe/Paris): "
+                          f"{value!r}") from None
+    return text
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: its parser, default and the sentence the reference table shows."""
@@ -256,6 +307,63 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "log": {
         "level": Key(_choice("debug", "info", "warning", "error"), "info", "Log level."),
     },
+    "publish": {
+        "quiet_seconds": Key(
+            _wait, 10.0,
+            "A study is published once no instance has arrived for this long (and again after "
+            "each later change).",
+        ),
+        "patient_policy": Key(
+            _choice("create", "hold", "identifier"), "create",
+            "When the FHIR server has no Patient with the study's patient identifier: `create` "
+            "it from the DICOM demographics (conditional create), `hold` the study until the "
+            "EMR knows the patient, or refer to the patient by `identifier` only.",
+        ),
+        "patient_system": Key(
+            _optional_system, None,
+            "Identifier system of Patient IDs that carry no Issuer of Patient ID (e.g. your "
+            "MRN system `urn:oid:…`). Required when publishing is on.",
+        ),
+        "patient_systems": Key(
+            _system_map, {},
+            "Issuer of Patient ID → identifier system, as a table `[publish.patient_systems]` "
+            "(`HOSP_A = \"urn:oid:…\"`) or `ISSUER=uri,…`. A patient whose issuer is not listed "
+            "is not published (no guessing across sites); it waits in the failed list.",
+        ),
+        "accession_system": Key(
+            _optional_system, None,
+            "Identifier system of accession numbers without an issuer (used to find the "
+            "ServiceRequest and in ImagingStudy.identifier).",
+        ),
+        "accession_systems": Key(
+            _system_map, {},
+            "Issuer of Accession Number → identifier system (table or `ISSUER=uri,…`).",
+        ),
+        "timezone": Key(
+            _timezone, None,
+            "IANA time zone of the modalities, for study and series times that carry no "
+            "Timezone Offset From UTC. Unset: such times are published as dates only.",
+        ),
+        "on_delete": Key(
+            _choice("entered-in-error", "delete"), "entered-in-error",
+            "What a study deleted or entirely rejected becomes on the FHIR server: its "
+            "ImagingStudy marked `entered-in-error`, or deleted.",
+        ),
+        "include_instances": Key(
+            _boolean, True,
+            "List every instance in ImagingStudy.series.instance (`false`: series and counts "
+            "only, for very large studies).",
+        ),
+        "max_backoff": Key(
+            _positive, 300,
+            "Longest wait, in seconds, between attempts while the FHIR or OAuth server is "
+            "unavailable (exponential back-off with jitter up to this).",
+        ),
+        "hold_seconds": Key(
+            _positive, 60,
+            "With `patient_policy = \"hold\"`: seconds between looks for the Patient.",
+        ),
+    },
     "fhir": {
         "base_url": Key(
             _url, None,
@@ -317,11 +425,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Client assertion signature: `RS384` or `ES384`. Unset: the one that fits the key.",
         ),
         "scope": Key(
-            _string,
-            "system/ImagingStudy.crus system/Endpoint.crus system/Patient.rs "
-            "system/ServiceRequest.rs",
+            _optional_string, None,
             "Scopes requested with every token (SMART v2 syntax; v1 servers want e.g. "
-            "`system/ImagingStudy.write system/ImagingStudy.read …`).",
+            "`system/ImagingStudy.write system/ImagingStudy.read …`). Unset: what publishing "
+            "needs, `system/ImagingStudy.cruds system/Endpoint.crus system/Patient.rs "
+            "system/ServiceRequest.rs`, with `Patient.crs` when `publish.patient_policy = "
+            "\"create\"`.",
         ),
         "ca_bundle": Key(
             _optional_string, None,
@@ -359,6 +468,7 @@ class Settings:
     index: Mapping[str, Any]
     log: Mapping[str, Any]
     fhir: Mapping[str, Any]
+    publish: Mapping[str, Any] = field(default_factory=dict)
     peers: Mapping[str, Peer] = field(default_factory=dict)
 
     @property
@@ -380,6 +490,16 @@ class Settings:
         if host in ("0.0.0.0", "::", ""):
             host = "localhost"
         return f"http://{host}:{self.http['port']}"
+
+    @property
+    def fhir_scope(self) -> str:
+        """``fhir.scope``, or what publishing needs with the configured patient policy."""
+        scope: str | None = self.fhir.get("scope")
+        if scope:
+            return scope
+        patient = "crs" if self.publish.get("patient_policy") == "create" else "rs"
+        return (f"system/ImagingStudy.cruds system/Endpoint.crus system/Patient.{patient} "
+                "system/ServiceRequest.rs")
 
     @property
     def dicomweb_url(self) -> str:
@@ -472,6 +592,10 @@ def load_settings(
             for key, definition in keys.items()
         }
     _resolve_fhir(sections["fhir"])
+    if sections["fhir"]["base_url"] is not None and sections["publish"]["patient_system"] is None \
+            and not sections["publish"]["patient_systems"]:
+        raise ConfigError("publish.patient_system: required when fhir.base_url is set (the "
+                          "identifier system of your Patient IDs, e.g. urn:oid:…)")
     return Settings(peers=_parse_peers(peers_raw), **sections)
 
 

@@ -534,6 +534,14 @@ class Index:
                 claimed.append(OutboxItem(uid, reason, attempts, token))
         return claimed
 
+    def release_leases(self) -> int:
+        """Make every claimed study due again (a single-node publisher starting: nothing
+        else can be holding a lease on an SQLite index)."""
+        with self.write() as conn:
+            result = conn.execute(update(outbox).where(outbox.c.state == "publishing").values(
+                state="pending", due_at=time.time()))
+        return int(result.rowcount)
+
     def finish_publish(self, item: OutboxItem) -> bool:
         """Drop the outbox row of a published study, unless it was re-queued meanwhile
         (then it stays pending and is published again). True if removed."""

@@ -157,6 +157,10 @@ class Publisher:
 
     # -- the loop --------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.index.is_sqlite:  # one node: leases left by a crash are ours to take back
+            released = self.index.release_leases()
+            if released:
+                log.info("%d studies left mid-publish by the last run are due again", released)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
 

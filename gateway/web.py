@@ -7,11 +7,12 @@ import os
 import threading
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import dicomweb, qido, wado  # noqa: F401  (qido registers its routes on dicomweb.bp)
 from gateway.bootstrap import Services
+from gateway.storage import is_valid_uid
 
 
 class InFlight:
@@ -65,6 +66,31 @@ def create_app(services: Services) -> Flask:
         return jsonify({"ae_title": services.settings.dimse["ae_title"],
                         "dicomweb": services.settings.dicomweb_url,
                         "counts": services.index.counts()})
+
+    @app.get("/api/publish")
+    def publish_status() -> Response:
+        """The FHIR outbox: what waits, what failed and why (``imaging-gateway publish``)."""
+        rows = services.index.outbox_rows()
+        return jsonify({
+            "enabled": services.publisher is not None,
+            "pending": sum(1 for r in rows if r["state"] in ("pending", "publishing")),
+            "failed": [{"study": r["StudyInstanceUID"], "attempts": r["attempts"],
+                        "error": r["last_error"]} for r in rows if r["state"] == "failed"],
+            "retrying": [{"study": r["StudyInstanceUID"], "attempts": r["attempts"],
+                          "error": r["last_error"]} for r in rows
+                         if r["state"] != "failed" and r["last_error"]],
+        })
+
+    @app.post("/api/publish/replay")
+    def publish_replay() -> Response:
+        """Retry every failed study, or ``{"study": uid}`` only."""
+        body = request.get_json(silent=True) or {}
+        study = body.get("study") if isinstance(body, dict) else None
+        if study is not None and not is_valid_uid(study):
+            response = jsonify({"status": 400, "error": "study is not a valid UID"})
+            response.status_code = 400
+            return response
+        return jsonify({"queued": services.index.replay(study)})
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

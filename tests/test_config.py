@@ -270,7 +270,8 @@ def test_the_documented_example_is_a_valid_configuration(tmp_path: Path) -> None
 
 
 # -- [fhir]: publishing and its OAuth2 credentials -------------------------------------------------
-FHIR_ON = {"GATEWAY_FHIR_BASE_URL": "https://emr.example.org/fhir/R4"}
+FHIR_ON = {"GATEWAY_FHIR_BASE_URL": "https://emr.example.org/fhir/R4",
+           "GATEWAY_PUBLISH_PATIENT_SYSTEM": "urn:oid:1.2.3.4"}
 
 
 @pytest.fixture(scope="module")

@@ -279,15 +279,17 @@ def test_mr_and_ct_contexts_coexist(gateway: GatewayProcess) -> None:
 def test_storage_only_associations_use_the_lean_receiver_and_others_pynetdicom(
         gateway: GatewayProcess) -> None:
     """Both paths accept the same storage contexts and store through the same write path; an
-    association that also proposes a query model (not offered yet) goes to pynetdicom, which
-    rejects that context and accepts the storage one."""
-    study_root_find = "1.2.840.10008.5.1.4.1.2.2.1"
+    association that also proposes a query model goes to pynetdicom, which accepts both and
+    rejects what the gateway does not offer (Modality Worklist)."""
+    study_root_find, worklist = "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.31"
     ae = AE(ae_title="MIXED_SCU")
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(study_root_find)
+    ae.add_requested_context(worklist)
     assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
     assert assoc.is_established
-    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CTImageStorage]
+    assert sorted(cx.abstract_syntax for cx in assoc.accepted_contexts) == \
+        sorted([CTImageStorage, study_root_find])
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     assert assoc.send_c_store(ds).Status == 0
     assoc.release()
