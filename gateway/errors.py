@@ -12,6 +12,10 @@
     │   ├── RejectedInstance        0x0124: an instance an IOCM rejection note removed, sent
     │   │                           again
     │   └── OutOfResources          0xA700: disk full, unwritable storage, index unavailable
+    ├── NotFound                    what an API request names is not there: a study the gateway
+    │                               does not hold, a Patient the FHIR server does not know; 404
+    ├── FhirNotConfigured           an API that reads the FHIR server, with ``fhir.base_url``
+    │                               unset; 503
     ├── RetrieveError               a stored instance could not be served as asked
     │   ├── InstanceMissing         indexed, but its blob is gone or unreadable (index and
     │   │                           storage disagree: ``reindex`` repairs); WADO-RS 500,
@@ -31,7 +35,9 @@
 Each entry point maps these in one place: DIMSE returns ``status``; STOW-RS puts ``status`` in
 Failure Reason (0008,1197) and derives the HTTP status; WADO maps RetrieveError to an HTTP
 status (``gateway/wado.py``); the CLI prints ``str(error)``; the publisher backs off on
-``FhirTransientError`` and dead-letters on ``FhirPermanentError``.
+``FhirTransientError`` and dead-letters on ``FhirPermanentError``; the reader's API
+(``gateway/api.py``) answers NotFound 404, FhirNotConfigured 503 and FhirError 502/503 with the
+server's OperationOutcome.
 Messages never contain patient names or IDs (they end up in logs and on the wire), nor secrets:
 FHIR errors name the method and the path without its query string.
 """
@@ -95,6 +101,16 @@ class OutOfResources(StoreError):
     """Refused: Out of Resources (0xA700): the sender should retry later."""
 
     status = 0xA700
+
+
+class NotFound(GatewayError):
+    """The study, patient… an API request names does not exist (HTTP 404). The message says what
+    is missing, without patient identifiers."""
+
+
+class FhirNotConfigured(GatewayError):
+    """An API that reads the FHIR server was called while ``fhir.base_url`` is unset (HTTP
+    503): the gateway has no FHIR server to ask."""
 
 
 class RetrieveError(GatewayError):
