@@ -1,4 +1,5 @@
-"""The HTTP application: DICOMweb under ``/dicomweb``, the gateway's API under ``/api``,
+"""The HTTP application: DICOMweb under ``/dicomweb``, the gateway's API under ``/api`` (the
+reader's clinical context in :mod:`gateway.api`),
 ``/healthz`` (the process answers) and ``/readyz`` (index reachable, storage writable)."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import dicomweb, qido, wado  # noqa: F401  (qido registers its routes on dicomweb.bp)
+from gateway import api, dicomweb, qido, wado  # noqa: F401  (qido registers its routes on dicomweb.bp)
 from gateway.bootstrap import Services
 from gateway.storage import is_valid_uid
 
@@ -46,6 +47,7 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(dicomweb.bp, url_prefix="/dicomweb")
     app.register_blueprint(wado.bp, url_prefix="/dicomweb")
     app.register_blueprint(wado.uri_bp, url_prefix="/wado")
+    app.register_blueprint(api.bp, url_prefix="/api")  # study context, patient history
 
     @app.get("/healthz")
     def healthz() -> Response:
