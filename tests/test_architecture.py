@@ -44,3 +44,12 @@ def test_retrieve_and_render_are_protocol_neutral() -> None:
         assert not {n.split(".")[0] for n in names} & forbidden, f"gateway.{module}"
         assert not names & {"gateway.dimse", "gateway.dicomweb", "gateway.wado", "gateway.web",
                             "gateway.cli"}, f"gateway.{module} imports an entry point"
+
+
+def test_the_readers_views_are_services_not_http() -> None:
+    """gateway.context and gateway.history read FHIR and the index; gateway.api translates."""
+    for module in ("context", "history"):
+        names = imports_of(ROOT / "gateway" / f"{module}.py")
+        assert not {n.split(".")[0] for n in names} & {"flask", "werkzeug"}, f"gateway.{module}"
+        assert not names & {"gateway.api", "gateway.web", "gateway.cli", "gateway.bootstrap"}, \
+            f"gateway.{module} imports an entry point"
