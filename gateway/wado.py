@@ -44,7 +44,7 @@ from werkzeug.http import parse_options_header
 
 from gateway import render, retrieve
 from gateway.bootstrap import Services
-from gateway.dicomweb import problem
+from gateway.dicomweb import cohort_values, problem, request_scope, service_base
 from gateway.errors import InstanceMissing, RetrieveError, TranscodeError
 from gateway.retrieve import EXPLICIT_VR_LITTLE_ENDIAN, Located
 from gateway.storage import is_valid_uid
@@ -53,6 +53,7 @@ log = logging.getLogger("gateway.wado")
 
 #: WADO-RS routes, registered under ``/dicomweb`` beside the STOW-RS blueprint.
 bp = Blueprint("wado", __name__)
+bp.url_value_preprocessor(cohort_values)  # /cohorts/<id>/dicomweb: the cohort's studies only
 #: WADO-URI, registered at the top level (``/wado``) where viewers expect it.
 uri_bp = Blueprint("wado_uri", __name__)
 
@@ -166,7 +167,7 @@ def _services() -> Services:
 
 
 def _base() -> str:
-    return _services().settings.dicomweb_url
+    return service_base()
 
 
 def _instance_url(item: Located) -> str:
@@ -256,7 +257,8 @@ def _locate(study_uid: str, series_uid: str | None = None,
                 ("SOP Instance UID", sop_uid))
     if bad is not None:
         return bad
-    items = retrieve.locate(_services().index, study_uid, series_uid, sop_uid)
+    items = retrieve.locate(_services().index, study_uid, series_uid, sop_uid,
+                            where=request_scope())
     if not items:
         what = (f"SOP Instance {sop_uid}" if sop_uid else f"Series {series_uid}" if series_uid
                 else f"Study {study_uid}")
