@@ -12,16 +12,19 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from test_publisher import MRN, gateway_with_fhir, imaging_studies, send, uid, wait_for
 
-from conftest import GatewayProcess, free_port
+from conftest import GatewayProcess, dcmtk_env, free_port, require_dcmtk
 from fhir_servers import BROAD_SCOPE, ClientKeys, Sekmet, sekmet_client
 
 OSTEOSARCOMA = "http://snomed.info/sct|307576001"
@@ -67,6 +70,14 @@ def world(sekmet: Sekmet, client_keys: ClientKeys, tmp_path_factory: pytest.Temp
 
     gateway = gateway_with_fhir(make, sekmet, client_keys)
     gateway.extra["cohorts"] = {"cache_seconds": 0}
+    require_dcmtk()
+    store_port = free_port()
+    (root / "moved").mkdir()
+    storescp = subprocess.Popen(["storescp", "-aet", "COHORT_SINK", "-od", str(root / "moved"),
+                                 str(store_port)], env=dcmtk_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateway.extra["dimse"] = {"peers": {"COHORT_SINK": {"host": "127.0.0.1",
+                                                         "port": store_port}}}
     gateway.start()
     with sekmet_client(sekmet, client_keys, scope=BROAD_SCOPE) as fhir:
         for mrn, (birth, conditions) in PATIENTS.items():
@@ -87,9 +98,11 @@ def world(sekmet: Sekmet, client_keys: ClientKeys, tmp_path_factory: pytest.Temp
                  Modality=modality, StudyDate=date)
         for study_uid in keys:
             wait_for(lambda s=study_uid: imaging_studies(fhir, s), what="publication")
-    yield {"gateway": gateway, "keys": keys}
+    yield {"gateway": gateway, "keys": keys, "moved": root / "moved"}
     for process in made:
         process.stop()
+    storescp.terminate()
+    storescp.wait()
 
 
 def create(gateway: GatewayProcess, fhir: str, imaging: dict[str, str] | None = None
@@ -204,3 +217,37 @@ def test_bad_imaging_keys_are_refused(world: dict[str, Any]) -> None:
     response = create(world["gateway"], f"Patient?identifier={MRN}|A{RUN}",
                       {"StudyDate": "March"})
     assert response.status_code == 400 and "StudyDate" in response.json()["error"]
+
+
+def test_the_cohort_ae_title_answers_c_find_and_c_move_for_members_only(
+        world: dict[str, Any], tmp_path: Path) -> None:
+    gateway: GatewayProcess = world["gateway"]
+    cohort = create(gateway, f"Patient?identifier={MRN}|A{RUN}",
+                    {"ModalitiesInStudy": "CT"}).json()
+    expected = {s for s, k in world["keys"].items()
+                if k.startswith(f"A{RUN}") and "|CT|" in k}
+    found = subprocess.run(
+        ["findscu", "-S", "-aec", cohort["ae_title"], "-X", "-od", str(tmp_path),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "127.0.0.1",
+         str(gateway.dimse_port)], capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert found.returncode == 0, found.stderr
+    answered = {str(pydicom.dcmread(p).StudyInstanceUID) for p in tmp_path.glob("rsp*.dcm")}
+    assert answered == expected
+
+    moved = subprocess.run(
+        ["movescu", "-P", "-aec", cohort["ae_title"], "-aem", "COHORT_SINK",
+         "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=*", "127.0.0.1",
+         str(gateway.dimse_port)], capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert moved.returncode == 0, moved.stderr
+    arrived = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+               for p in world["moved"].iterdir()}
+    assert arrived == expected, "a wildcard C-MOVE through the cohort moves only its members"
+
+
+def test_an_unknown_cohort_ae_title_is_rejected(world: dict[str, Any]) -> None:
+    gateway: GatewayProcess = world["gateway"]
+    out = subprocess.run(["echoscu", "-aec", "COHORT_99999", "127.0.0.1",
+                          str(gateway.dimse_port)], capture_output=True, text=True,
+                         env=dcmtk_env(), timeout=30)
+    assert out.returncode != 0
+    assert "Called AE Title Not Recognized" in out.stdout + out.stderr
