@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import cohort_api, dicomweb, qido, wado  # noqa: F401  (qido: routes on dicomweb.bp)
+from gateway import cohort_api, dicomweb, qido, wado, wado_uri  # noqa: F401  (qido: on dicomweb.bp)
 from gateway.bootstrap import Services
 from gateway.cohort import CohortError
 from gateway.storage import is_valid_uid
@@ -53,7 +53,7 @@ def create_app(services: Services) -> Flask:
                            name="cohort_wado")
     app.register_blueprint(cohort_api.bp, url_prefix="/api/cohorts")
     app.register_error_handler(CohortError, cohort_api.error_response)
-    app.register_blueprint(wado.uri_bp, url_prefix="/wado")
+    app.register_blueprint(wado_uri.uri_bp, url_prefix="/wado")
 
     @app.get("/healthz")
     def healthz() -> Response:
