@@ -36,7 +36,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 from gateway import history
-from gateway.bootstrap import Services
+from gateway.bootstrap import Services, mapping_options
 from gateway.context import ClinicalContext
 from gateway.errors import (
     FhirError,
@@ -63,11 +63,10 @@ def problem(status: int, message: str) -> Response:
 
 def _context() -> ClinicalContext:
     services: Services = current_app.extensions["gateway"]
-    publisher = services.publisher
-    if publisher is None:
+    if services.fhir is None:
         raise FhirNotConfigured("no FHIR server is configured (fhir.base_url): the clinical "
                                 "context comes from the EMR's FHIR server")
-    return ClinicalContext(services.index, publisher.client, publisher.options,
+    return ClinicalContext(services.index, services.fhir, mapping_options(services.settings),
                            services.settings.dicomweb_url)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from fhir_maps import IdentifierSystems, MappingOptions
+from gateway.cohort import Cohorts
 from gateway.config import Settings
 from gateway.fhir_client import FhirClient
 from gateway.index import Index
@@ -23,12 +24,15 @@ class Services:
     storage: FileStorage
     index: Index
     ingest: Ingest
+    cohorts: Cohorts
     publisher: Publisher | None = None
+    fhir: FhirClient | None = None
 
     def close(self) -> None:
         if self.publisher is not None:
             self.publisher.stop()
-            self.publisher.client.close()
+        if self.fhir is not None:
+            self.fhir.close()
         self.index.close()
 
 
@@ -40,8 +44,13 @@ def build_services(settings: Settings, *, create_schema: bool = True) -> Service
         index.create_schema()
     ingest = Ingest(storage, index, duplicate_policy=settings.storage["duplicate_policy"],
                     min_free_bytes=settings.storage["min_free_bytes"])
+    client = FhirClient.from_settings({**settings.fhir, "scope": settings.fhir_scope})
+    options = mapping_options(settings)
+    cohorts = Cohorts(index, client, options,
+                      cache_seconds=settings.cohorts["cache_seconds"])
     return Services(settings=settings, storage=storage, index=index, ingest=ingest,
-                    publisher=build_publisher(settings, index))
+                    cohorts=cohorts, publisher=build_publisher(settings, index, client),
+                    fhir=client)
 
 
 def mapping_options(settings: Settings) -> MappingOptions:
@@ -58,9 +67,9 @@ def mapping_options(settings: Settings) -> MappingOptions:
         default_timezone=ZoneInfo(zone) if zone else None)
 
 
-def build_publisher(settings: Settings, index: Index) -> Publisher | None:
+def build_publisher(settings: Settings, index: Index,
+                    client: FhirClient | None) -> Publisher | None:
     """The FHIR publisher, or None when ``fhir.base_url`` is not set (publishing off)."""
-    client = FhirClient.from_settings({**settings.fhir, "scope": settings.fhir_scope})
     if client is None:
         return None
     publish = settings.publish

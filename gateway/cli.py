@@ -61,7 +61,7 @@ def _dimse_worker(settings: Settings, listening: Any) -> None:
 
     _setup_logging(settings)
     services = build_services(settings, create_schema=False)
-    node = DimseNode(settings, services.ingest)
+    node = DimseNode(settings, services.ingest, services.cohorts)
     node.start(reuse_port=True)
     listening.set()
     _wait_for_signal()
@@ -111,7 +111,7 @@ def serve(settings: Settings) -> int:
                     return 1
         dimse_address = f"{settings.dimse['host']}:{settings.dimse['port']}"
     else:
-        node = DimseNode(settings, services.ingest)
+        node = DimseNode(settings, services.ingest, services.cohorts)
         host, port = node.start()
         dimse_address = f"{host}:{port}"
     if services.publisher is not None:

@@ -364,6 +364,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "With `patient_policy = \"hold\"`: seconds between looks for the Patient.",
         ),
     },
+    "cohorts": {
+        "cache_seconds": Key(
+            _wait, 60.0,
+            "How long a cohort's members, once evaluated against the FHIR server, are reused "
+            "before the next use evaluates them again (0: every use).",
+        ),
+        "ae_prefix": Key(
+            _ae_title, "COHORT_",
+            "Cohort *n* answers C-FIND/C-MOVE/C-GET addressed to the AE title "
+            "`<ae_prefix><n>`, seeing only its members.",
+        ),
+    },
     "fhir": {
         "base_url": Key(
             _url, None,
@@ -427,10 +439,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "scope": Key(
             _optional_string, None,
             "Scopes requested with every token (SMART v2 syntax; v1 servers want e.g. "
-            "`system/ImagingStudy.write system/ImagingStudy.read …`). Unset: what publishing "
-            "needs, `system/ImagingStudy.cruds system/Endpoint.crus system/Patient.rs "
-            "system/ServiceRequest.rs`, with `Patient.crs` when `publish.patient_policy = "
-            "\"create\"`.",
+            "`system/ImagingStudy.write system/ImagingStudy.read …`). Unset: what the gateway "
+            "needs, `system/*.rs system/ImagingStudy.cud system/Endpoint.cu` (reading and "
+            "searching any resource, for cohorts and study context), plus `system/Patient.c` "
+            "when `publish.patient_policy = \"create\"`.",
         ),
         "ca_bundle": Key(
             _optional_string, None,
@@ -469,6 +481,7 @@ class Settings:
     log: Mapping[str, Any]
     fhir: Mapping[str, Any]
     publish: Mapping[str, Any] = field(default_factory=dict)
+    cohorts: Mapping[str, Any] = field(default_factory=dict)
     peers: Mapping[str, Peer] = field(default_factory=dict)
 
     @property
@@ -497,9 +510,12 @@ class Settings:
         scope: str | None = self.fhir.get("scope")
         if scope:
             return scope
-        patient = "crs" if self.publish.get("patient_policy") == "create" else "rs"
-        return (f"system/ImagingStudy.cruds system/Endpoint.crus system/Patient.{patient} "
-                "system/ServiceRequest.rs")
+        # Read and search everything (cohorts and context search any clinical resource);
+        # write only what publishing writes.
+        scope = "system/*.rs system/ImagingStudy.cud system/Endpoint.cu"
+        if self.publish.get("patient_policy") == "create":
+            scope += " system/Patient.c"
+        return scope
 
     @property
     def dicomweb_url(self) -> str:

@@ -44,8 +44,8 @@ patient's record beside the images is the worst possible answer.
 
 The access token must allow reading these types (SMART ``system/Patient.rs``,
 ``ImagingStudy.rs``, ``ServiceRequest.rs``, ``Encounter.rs``, ``Condition.rs``,
-``Procedure.rs``, ``DiagnosticReport.rs``); the default ``fhir.scope`` covers publishing only. A
-refused scope surfaces as the server's 403 OperationOutcome.
+``Procedure.rs``, ``DiagnosticReport.rs``; the default ``fhir.scope``, ``system/*.rs`` …, does).
+A refused scope surfaces as the server's 403 OperationOutcome.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydicom.dataset import Dataset
 from python_multipart.multipart import MultipartParser
 from werkzeug.http import parse_options_header
@@ -40,6 +40,32 @@ log = logging.getLogger("gateway.dicomweb")
 bp = Blueprint("dicomweb", __name__)
 
 DICOM_JSON = "application/dicom+json"
+
+
+def cohort_values(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """URL value preprocessor of the DICOMweb blueprints: under
+    ``/cohorts/<cohort_id>/dicomweb`` (the same blueprints registered a second time) every
+    query and retrieve sees only the cohort's studies (:func:`request_scope`) and Retrieve
+    URLs point into the cohort's base (:func:`service_base`)."""
+    cohort_id = values.pop("cohort_id", None) if values else None
+    if cohort_id is None:
+        return
+    services = current_app.extensions["gateway"]
+    g.scope = services.cohorts.scope(int(cohort_id))  # CohortError → JSON error (web.py)
+    g.dicomweb_base = f"{services.settings.public_url}/cohorts/{cohort_id}/dicomweb"
+
+
+def request_scope() -> Any:
+    """The SQL condition limiting this request to a cohort's studies, or None."""
+    return g.get("scope")
+
+
+def service_base() -> str:
+    """The DICOMweb service base of this request (the gateway's, or a cohort's)."""
+    base = g.get("dicomweb_base")
+    if isinstance(base, str):
+        return base
+    return current_app.extensions["gateway"].settings.dicomweb_url  # type: ignore[no-any-return]
 
 
 def problem(status: int, message: str) -> Response:
@@ -300,3 +326,14 @@ def _failed_item(sop_class: str | None, sop_uid: str | None, reason: int) -> Dat
 
 def _to_json(ds: Dataset) -> str:
     return str(ds.to_json())
+
+
+bp.url_value_preprocessor(cohort_values)
+
+
+@bp.before_request
+def _read_only_in_a_cohort() -> Response | None:
+    if request_scope() is not None and request.method not in ("GET", "HEAD"):
+        return problem(405, "a cohort's DICOMweb service is read-only: store and delete "
+                            "through /dicomweb")
+    return None

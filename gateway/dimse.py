@@ -27,6 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import qr, reactor, receiver
+from gateway.cohort import Cohorts, cohort_of_ae_title
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.ingest import Ingest
@@ -106,9 +107,11 @@ class GatewayAssociationServer(ThreadedAssociationServer):
 class DimseNode:
     """The gateway's DICOM AE: builds the pynetdicom AE and serves it until stopped."""
 
-    def __init__(self, settings: Settings, ingest: Ingest) -> None:
+    def __init__(self, settings: Settings, ingest: Ingest,
+                 cohorts: Cohorts | None = None) -> None:
         self.settings = settings
         self.ingest = ingest
+        self.cohorts = cohorts
         self.server: ThreadedAssociationServer | None = None
         configure_pynetdicom()
         # Received data sets land in the storage's staging area, so moving them into place is
@@ -129,8 +132,9 @@ class DimseNode:
         # Only storage and verification go to the lean receiver; everything added below is
         # pynetdicom's to serve.
         self._served_here = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
-        self.find = qr.FindSCP(ingest.index, dimse["ae_title"])
-        self.retrieve = qr.RetrieveSCP(ingest.index, ingest.storage, settings.peers)
+        self.find = qr.FindSCP(ingest.index, dimse["ae_title"], scope=self.scope_of)
+        self.retrieve = qr.RetrieveSCP(ingest.index, ingest.storage, settings.peers,
+                                       scope=self.scope_of)
         for model in qr.MODEL_LEVELS:
             self.ae.add_supported_context(model, [_EXPLICIT_LE, _IMPLICIT_LE])
         # C-GET: the requester proposes the storage classes with itself as SCP (role
@@ -149,7 +153,8 @@ class DimseNode:
         ae.acse_timeout = 30
         ae.dimse_timeout = dimse["network_timeout"]
         ae.maximum_associations = 64
-        ae.require_called_aet = dimse["check_called_ae"]
+        # The called AE title is checked in _route: ours, or a cohort's (see scope_of).
+        ae.require_called_aet = False
         if dimse["allowed_callers"] is not None:
             ae.require_calling_aet = list(dimse["allowed_callers"])
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
@@ -185,15 +190,44 @@ class DimseNode:
         log.info("DICOM listener %s on %s:%s", dimse["ae_title"], host, port)
         return str(host), int(port)
 
+    def cohort_of(self, called_ae_title: str) -> int | None:
+        """The cohort a called AE title addresses (``cohorts.ae_prefix`` + id), if it exists."""
+        if self.cohorts is None:
+            return None
+        number = cohort_of_ae_title(self.settings.cohorts["ae_prefix"], called_ae_title)
+        if number is None or number not in self.cohorts.ids():
+            return None
+        return number
+
+    def scope_of(self, called_ae_title: str) -> Any:
+        """The SQL scope of queries and retrieves addressed to ``called_ae_title``: None for
+        the gateway's own AE title, a cohort's members for its AE title."""
+        number = self.cohort_of(called_ae_title.strip())
+        if number is None or self.cohorts is None:
+            return None
+        return self.cohorts.scope(number)
+
     def _route(self, sock: socket.socket, address: tuple[str, int]) -> bool:
-        """Serve ``sock`` with the lean receiver if it asks only for storage/verification."""
-        if not self.fast_storage:
-            return False
+        """Check the called AE title (ours or a cohort's, else A-ASSOCIATE-RJ when
+        ``dimse.check_called_ae``), then serve ``sock`` with the lean receiver if it asks only
+        for storage/verification; anything else is pynetdicom's."""
         try:
             request = receiver.peek_associate_rq(sock, self.policy.acse_timeout)
         except Exception:  # not a well-formed A-ASSOCIATE-RQ: let pynetdicom answer it
             return False
-        if request is None or not receiver.storage_only(request, self._served_here):
+        if request is None:
+            return False
+        called = str(request.called_ae_title).strip()
+        if called != self.policy.ae_title:
+            if self.cohort_of(called) is not None:
+                return False  # a cohort's AE title: Q/R by pynetdicom, scoped (scope_of)
+            if self.policy.check_called_ae:
+                log.warning("association rejected: called AE title %s is neither %s nor a "
+                            "cohort's (calling %s from %s)", called, self.policy.ae_title,
+                            str(request.calling_ae_title).strip(), address[0])
+                receiver.reject_called_ae(sock)
+                return True
+        if not self.fast_storage or not receiver.storage_only(request, self._served_here):
             return False
         receiver.serve_storage_association(sock, address, self.policy,
                                            self.ingest.storage.staging_dir(), self.store)

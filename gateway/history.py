@@ -5,9 +5,11 @@ How things are found (FHIR R4 search.html; the parameters are in each resource's
 
 =====================  =========================================================================
 the Patient            ``GET Patient/<id>``
-held studies           the Patient's identifiers → (PatientID, issuer) keys by the one identity
-                       rule (:func:`fhir_maps.patient_keys`) → the index through the query engine
-                       (exact PatientID and issuer, never a wildcard)
+held studies           as cohorts find them (:mod:`gateway.cohort`): the publish records (studies
+                       the publisher placed under ``Patient/<id>``) and the Patient's identifiers
+                       → (PatientID, issuer) keys by the one identity rule
+                       (:func:`fhir_maps.patient_keys`), through the query engine (exact
+                       PatientID and issuer, never a wildcard)
 their ImagingStudy     ``ImagingStudy?identifier=urn:dicom:uid|urn:oid:<uid>,…`` (a comma list
                        is an OR, R4 search.html §3.1.1.4.3), ``_elements=identifier,status``
 FHIR events            ``Encounter|Condition|Procedure|DiagnosticReport?patient=Patient/<id>``,
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, or_, select
 
 from fhir_maps import (
     PatientKey,
@@ -41,7 +43,7 @@ from fhir_maps import (
 )
 from gateway.context import ClinicalContext, Json, chunks
 from gateway.errors import FhirPermanentError, NotFound
-from gateway.index import Index, patient
+from gateway.index import Index, patient, publication, study
 from gateway.query import Condition, Match, Query, run
 
 __all__ = ["EVENT_ELEMENTS", "EVENT_KINDS", "Window", "held_studies", "patient_history"]
@@ -186,15 +188,17 @@ def _human_name(resource: Mapping[str, Any]) -> str | None:
 
 
 # -- the events ------------------------------------------------------------------------------------
-def held_studies(index: Index, keys: Iterable[PatientKey],
+def held_studies(index: Index, patient_reference: str, keys: Iterable[PatientKey],
                  window: Window = Window()) -> list[Match]:
-    """The studies the index holds for these patient keys (exact PatientID and issuer) within
-    the window's Study Date range, through the query engine."""
-    wanted = sorted(set(keys))
-    if not wanted:
-        return []
-    scope = or_(*(and_(patient.c.PatientID == key.patient_id,
-                       patient.c.IssuerOfPatientID == key.issuer) for key in wanted))
+    """The studies the index holds for one FHIR Patient, within the window's Study Date range,
+    through the query engine: those published under ``patient_reference`` (``Patient/<id>``)
+    and those of its patient keys (exact PatientID and issuer)."""
+    published = study.c.StudyInstanceUID.in_(
+        select(publication.c.StudyInstanceUID)
+        .where(publication.c.patient_reference == patient_reference))
+    scope = or_(published, *(and_(patient.c.PatientID == key.patient_id,
+                                  patient.c.IssuerOfPatientID == key.issuer)
+                             for key in sorted(set(keys))))
     date_range = window.study_date_range()
     conditions = (Condition("StudyDate", (date_range,)),) if date_range else ()
     return run(index, Query("STUDY", conditions, scope=scope)).matches
@@ -339,7 +343,7 @@ def patient_history(context: ClinicalContext, patient_id: str,
     patient_ref = f"Patient/{patient_id}"
     keys = sorted(patient_keys(subject.get("identifier") or [],
                                context.options.patient_systems))
-    studies = held_studies(context.index, keys, window)
+    studies = held_studies(context.index, patient_ref, keys, window)
     published = _published_ids(context, [str(m["StudyInstanceUID"]) for m in studies])
     events: list[Json] = []
     for kind, elements in EVENT_ELEMENTS.items():

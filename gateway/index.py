@@ -137,6 +137,33 @@ rejected = Table(
 )
 
 
+#: Where each study was published: the FHIR Patient it went under and its ImagingStudy (the
+#: publish record cohort queries join on).
+publication = Table(
+    "publication", metadata,
+    Column("StudyInstanceUID", String(64), primary_key=True),
+    Column("patient_reference", String, index=True),  # "Patient/123", None if logical only
+    Column("imaging_study_id", String),
+    Column("published_at", Float, nullable=False),
+)
+#: Saved cohorts (gateway.cohort) and their members as last evaluated.
+cohort = Table(
+    "cohort", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String, nullable=False),
+    Column("fhir_query", String, nullable=False),
+    Column("imaging", JSON, nullable=False),  # [[QIDO key, value], …]
+    Column("created_at", Float, nullable=False),
+    Column("evaluated_at", Float),
+)
+cohort_member = Table(
+    "cohort_member", metadata,
+    Column("cohort_id", Integer, ForeignKey("cohort.id", ondelete="CASCADE"), primary_key=True),
+    Column("study_id", Integer, primary_key=True),
+    SqlIndex("ix_cohort_member_study", "study_id"),
+)
+
+
 @dataclass(frozen=True)
 class StoredInstance:
     """What the index says about a stored instance (enough to serve or compare it)."""
@@ -609,6 +636,22 @@ class Index:
             if isinstance(row_with_json.get("attributes"), str):
                 row_with_json["attributes"] = json.loads(row_with_json["attributes"])
         return {"study": study_row, "patient": patient_row, "series": series_rows}
+
+    def record_publication(self, study_uid: str, *, patient_reference: str | None,
+                           imaging_study_id: str | None) -> None:
+        """Remember under which Patient and as which ImagingStudy a study was published."""
+        values = {"StudyInstanceUID": study_uid, "patient_reference": patient_reference,
+                  "imaging_study_id": imaging_study_id, "published_at": time.time()}
+        stmt = self._insert(publication).values(values)
+        with self.write() as conn:
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["StudyInstanceUID"],
+                set_={k: stmt.excluded[k] for k in values if k != "StudyInstanceUID"}))
+
+    def forget_publication(self, study_uid: str) -> None:
+        with self.write() as conn:
+            conn.execute(delete(publication).where(
+                publication.c.StudyInstanceUID == study_uid))
 
     # -- removal ---------------------------------------------------------------------------------
     def remove(self, conn: Connection, *, study_uid: str, series_uid: str | None = None,

@@ -237,7 +237,12 @@ class Publisher:
         resource = build_imaging_study(
             facts, self.options, subject=subject, endpoint=self.endpoint_reference(),
             based_on=self._orders(facts), include_instances=self.policy.include_instances)
-        return self._upsert(study_uid, resource)
+        written = self._upsert(study_uid, resource)
+        reference = (written.get("subject") or {}).get("reference")
+        self.index.record_publication(
+            study_uid, patient_reference=reference if isinstance(reference, str) else None,
+            imaging_study_id=written.get("id") if isinstance(written.get("id"), str) else None)
+        return written
 
     def endpoint_reference(self) -> dict[str, Any]:
         """The gateway's DICOMweb Endpoint, created once (conditional create by identifier)."""
@@ -323,6 +328,7 @@ class Publisher:
                                  "being updated")
 
     def _retract(self, study_uid: str) -> dict[str, Any] | None:
+        self.index.forget_publication(study_uid)
         existing = self._existing(study_uid)
         if existing is None:
             return None

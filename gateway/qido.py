@@ -27,9 +27,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from flask import Response, current_app, request
+from sqlalchemy import and_
 
+from gateway.cohort import CohortError
 from gateway.dicom_xml import to_xml
-from gateway.dicomweb import DICOM_JSON, bp, problem
+from gateway.dicomweb import DICOM_JSON, bp, problem, request_scope, service_base
 from gateway.query import (
     Query,
     QueryError,
@@ -60,9 +62,12 @@ SERIES_RETURN = ("Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNu
 INSTANCE_RETURN = ("SOPClassUID", "SOPInstanceUID", "InstanceAvailability",
                    "TimezoneOffsetFromUTC", "RetrieveURL", "InstanceNumber", "Rows", "Columns",
                    "BitsAllocated", "NumberOfFrames")
+#: The gateway's QIDO-RS extension: a FHIR search (``Patient?birthdate=le1980-01-01``,
+#: ``Condition?code=…``) whose patients the answer is limited to, as an unsaved cohort.
+FHIR_CRITERIA = "fhir-criteria"
 #: Query parameters that are not attribute keys (PS3.18 Table 8.3.4-1).
 _CONTROL = {"includefield", "fuzzymatching", "limit", "offset", "emptyvaluematching",
-            "multiplevaluematching"}
+            "multiplevaluematching", FHIR_CRITERIA}
 _LISTS = {"UI", "CS"}
 DICOM_XML = "application/dicom+xml"
 
@@ -149,9 +154,17 @@ def _search(level: str, returned: Iterable[str], path_uids: dict[str, str]) -> R
         return problem(400, str(exc))
     ceiling = services.settings.http["qido_max_results"]
     fuzzy = request.args.get("fuzzymatching", "false").lower() == "true"
+    scope = request_scope()
+    criteria = request.args.get(FHIR_CRITERIA)
+    if criteria:
+        try:
+            adhoc = services.cohorts.adhoc_scope(criteria)
+        except CohortError as exc:
+            return cohort_problem(exc)
+        scope = adhoc if scope is None else and_(scope, adhoc)
     query = Query(level, conditions, fuzzy=fuzzy,
-                        limit=min(limit, ceiling) if limit is not None else ceiling,
-                        offset=offset)
+                  limit=min(limit, ceiling) if limit is not None else ceiling,
+                  offset=offset, scope=scope)
     try:
         result: Result = run(services.index, query)
     except QueryError as exc:
@@ -159,7 +172,7 @@ def _search(level: str, returned: Iterable[str], path_uids: dict[str, str]) -> R
     keywords = list(dict.fromkeys([
         *returned, *(c.keyword for c in conditions), *includes,
         *(attributes_at(level) if include_all else ())]))
-    base = services.settings.dicomweb_url
+    base = service_base()
     body = []
     for match in result.matches:
         match.values["RetrieveURL"] = _retrieve_url(base, level, match.values)
@@ -180,6 +193,16 @@ def _search(level: str, returned: Iterable[str], path_uids: dict[str, str]) -> R
             warnings.append(_warning(f"{flag} is not supported; it was ignored"))
     if warnings:
         response.headers["Warning"] = ", ".join(warnings)
+    return response
+
+
+def cohort_problem(exc: CohortError) -> Response:
+    """A cohort or FHIR-criterion failure, with the FHIR server's OperationOutcome."""
+    response = problem(exc.status, str(exc))
+    if exc.outcome is not None:
+        payload = response.get_json()
+        payload["outcome"] = exc.outcome
+        response.set_data(json.dumps(payload))
     return response
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from pynetdicom.presentation import PresentationContext
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import retrieve
+from gateway.cohort import CohortError
 from gateway.config import Peer
 from gateway.errors import RetrieveError
 from gateway.index import Index
@@ -113,12 +114,40 @@ def conditions_from_identifier(identifier: Dataset) -> tuple[Condition, ...]:
     return tuple(conditions)
 
 
+class _Refused(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+
+
+#: The SQL scope of requests addressed to a called AE title (a cohort's), or None.
+ScopeOf = Callable[[str], Any]
+
+
+def _called(event: evt.Event) -> str:
+    """The AE title the requester called (pynetdicom's acceptor title is always ours)."""
+    request = event.assoc.requestor.primitive
+    return str(request.called_ae_title).strip() if request is not None else ""
+
+
+def _scope(scope_of: ScopeOf | None, event: evt.Event) -> Any:
+    """The request's scope: None for the gateway's AE title, a cohort's members for its."""
+    if scope_of is None:
+        return None
+    try:
+        return scope_of(_called(event))
+    except CohortError as exc:
+        raise _Refused(0xA700 if exc.status >= 500 else 0xC000,
+                       f"cohort not evaluated: {exc}") from exc
+
+
 class FindSCP:
     """Answers C-FIND requests from the index."""
 
-    def __init__(self, index: Index, ae_title: str) -> None:
+    def __init__(self, index: Index, ae_title: str, *, scope: ScopeOf | None = None) -> None:
         self.index = index
         self.ae_title = ae_title
+        self.scope_of = scope
 
     def handle(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
         """pynetdicom ``EVT_C_FIND`` handler: yields (status, identifier) pairs."""
@@ -132,10 +161,14 @@ class FindSCP:
             return
         try:
             conditions = conditions_from_identifier(identifier)
-            result = run(self.index, Query(level, conditions))
+            scope = _scope(self.scope_of, event)
+            result = run(self.index, Query(level, conditions, scope=scope))
         except QueryError as exc:
             log.info("C-FIND from %s refused: %s", calling, exc)
             yield _status(0xA900 if exc.unsupported else 0xC000, str(exc)), None
+            return
+        except _Refused as exc:
+            yield _status(exc.status, str(exc)), None
             return
         except SQLAlchemyError:
             log.exception("C-FIND from %s: index unavailable", calling)
@@ -157,20 +190,16 @@ class FindSCP:
         yield 0x0000, None
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-
-
 class RetrieveSCP:
     """Answers C-MOVE and C-GET: find the instances, then feed pynetdicom's C-STORE
     sub-operations one data set at a time, each in a transfer syntax the receiver accepted."""
 
-    def __init__(self, index: Index, storage: FileStorage, peers: Mapping[str, Peer]) -> None:
+    def __init__(self, index: Index, storage: FileStorage, peers: Mapping[str, Peer], *,
+                 scope: ScopeOf | None = None) -> None:
         self.index = index
         self.storage = storage
         self.peers = peers
+        self.scope_of = scope
 
     def _locate(self, event: evt.Event) -> list[retrieve.Located]:
         model = str(event.request.AffectedSOPClassUID)
@@ -182,7 +211,8 @@ class RetrieveSCP:
             conditions = conditions_from_identifier(identifier)
             # A patient is retrieved as its studies; the patient keys match at study level.
             found_level = "STUDY" if level == "PATIENT" else level
-            result = run(self.index, Query(found_level, conditions))
+            result = run(self.index, Query(found_level, conditions,
+                                           scope=_scope(self.scope_of, event)))
         except QueryError as exc:
             raise _Refused(0xA900 if exc.unsupported else 0xC000, str(exc)) from exc
         except SQLAlchemyError as exc:

@@ -199,6 +199,16 @@ def peek_associate_rq(sock: socket.socket, timeout: float) -> A_ASSOCIATE | None
     return pdu.to_primitive()
 
 
+def reject_called_ae(sock: socket.socket) -> None:
+    """Answer an A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent, by the
+    service user, called AE title not recognised; then close."""
+    with contextlib.suppress(OSError):
+        sock.sendall(bytes([0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x01, 0x01, 0x07]))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
 def _recv_peek(sock: socket.socket, size: int) -> bytes | None:
     while True:
         data = sock.recv(size, socket.MSG_PEEK)

@@ -11,8 +11,16 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import api, dicomweb, qido, wado  # noqa: F401  (qido registers its routes on dicomweb.bp)
+from gateway import (  # noqa: F401  (qido registers its routes on dicomweb.bp)
+    api,
+    cohort_api,
+    dicomweb,
+    qido,
+    wado,
+    wado_uri,
+)
 from gateway.bootstrap import Services
+from gateway.cohort import CohortError
 from gateway.storage import is_valid_uid
 
 
@@ -46,7 +54,14 @@ def create_app(services: Services) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = None  # STOW-RS enforces http.max_request_bytes itself
     app.register_blueprint(dicomweb.bp, url_prefix="/dicomweb")
     app.register_blueprint(wado.bp, url_prefix="/dicomweb")
-    app.register_blueprint(wado.uri_bp, url_prefix="/wado")
+    # The same DICOMweb services, limited to one cohort's studies (gateway.dicomweb.cohort_values)
+    app.register_blueprint(dicomweb.bp, url_prefix="/cohorts/<int:cohort_id>/dicomweb",
+                           name="cohort_dicomweb")
+    app.register_blueprint(wado.bp, url_prefix="/cohorts/<int:cohort_id>/dicomweb",
+                           name="cohort_wado")
+    app.register_blueprint(cohort_api.bp, url_prefix="/api/cohorts")
+    app.register_error_handler(CohortError, cohort_api.error_response)
+    app.register_blueprint(wado_uri.uri_bp, url_prefix="/wado")
     app.register_blueprint(api.bp, url_prefix="/api")  # study context, patient history
 
     @app.get("/healthz")

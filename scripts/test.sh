@@ -2,7 +2,7 @@
 # Install everything the tests need (first run only) and run the whole check: lint, types,
 # tests. CI (.ci/run) runs exactly this. Extra arguments go to pytest.
 source "$(dirname "$0")/_env.sh"
-apt_install dcmtk
+apt_install dcmtk postgresql
 ensure_venv "[test]"
 npm_install tests/fhir   # Medplum FHIR validator for tests/test_fhir_maps.py
 npm_install tests/oauth  # oidc-provider, the OAuth2 server of tests/fhir_servers.py

@@ -23,6 +23,8 @@ import pytest
 import requests
 
 # Real FHIR and OAuth2 servers (session fixtures), a client of sekmet, failure injection
+from postgres import postgres_server, postgres_url  # noqa: F401
+
 from fhir_servers import (  # noqa: F401
     client_keys,
     failing,

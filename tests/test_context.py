@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 from fhir.resources.R4B.bundle import Bundle
+from test_publisher import ACCESSION, MRN, gateway_with_fhir, imaging_studies, send, uid, wait_for
 
 from gateway.bootstrap import build_services
 from gateway.config import load_settings
@@ -27,12 +28,7 @@ from gateway.web import create_app
 
 from conftest import GatewayProcess, free_port
 from fhir_servers import BROAD_SCOPE, Answer, ClientKeys, FailureServer, Sekmet, sekmet_client
-from test_publisher import ACCESSION, MRN, gateway_with_fhir, imaging_studies, send, uid, wait_for
 
-#: Publishing's scopes plus reading what the context shows.
-READ_SCOPE = ("system/ImagingStudy.cruds system/Endpoint.crus system/Patient.crs "
-              "system/ServiceRequest.rs system/Encounter.rs system/Condition.rs "
-              "system/Procedure.rs system/DiagnosticReport.rs")
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 
@@ -68,8 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, sekmet: Sekmet,
     root = tmp_path_factory.mktemp("context")
 
     def make(extra: dict[str, dict[str, object]], name: str = "gw") -> GatewayProcess:
-        extra["fhir"]["scope"] = READ_SCOPE
-        (root / name).mkdir()
+        (root / name).mkdir()  # the default fhir.scope: what publishing and reading need
         return GatewayProcess(root / name, free_port(), free_port(), extra=extra)
 
     gateway = gateway_with_fhir(make, sekmet, client_keys).start()

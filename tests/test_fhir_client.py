@@ -157,7 +157,8 @@ def test_secrets_never_appear_in_logs_reprs_or_errors(
         "GATEWAY_FHIR_BASE_URL": sekmet.base_url, "GATEWAY_FHIR_AUTH": "client_credentials",
         "GATEWAY_FHIR_CLIENT_ID": SECRET_CLIENT,
         "GATEWAY_FHIR_CLIENT_SECRET": sekmet.client_secret.reveal(),
-        "GATEWAY_FHIR_CA_BUNDLE": str(sekmet.ca_file)})
+        "GATEWAY_FHIR_CA_BUNDLE": str(sekmet.ca_file),
+        "GATEWAY_PUBLISH_PATIENT_SYSTEM": "urn:oid:1.2.3.4"})
     texts += [repr(settings), str(settings.fhir)]
     everything = caplog.text + "\n".join(texts)
     assert "access token for client" in caplog.text  # the logging did happen
@@ -327,7 +328,8 @@ def test_a_client_from_settings_with_the_secret_in_the_environment(sekmet: Sekme
         "GATEWAY_FHIR_BASE_URL": sekmet.base_url, "GATEWAY_FHIR_AUTH": "client_credentials",
         "GATEWAY_FHIR_AUTH_METHOD": "client_secret_post", "GATEWAY_FHIR_CLIENT_ID": SECRET_CLIENT,
         "GATEWAY_FHIR_CLIENT_SECRET": sekmet.client_secret.reveal(),
-        "GATEWAY_FHIR_CA_BUNDLE": str(sekmet.ca_file), "GATEWAY_FHIR_SCOPE": SCOPE})
+        "GATEWAY_FHIR_CA_BUNDLE": str(sekmet.ca_file), "GATEWAY_FHIR_SCOPE": SCOPE,
+        "GATEWAY_PUBLISH_PATIENT_SYSTEM": "urn:oid:1.2.3.4"})
     fhir = FhirClient.from_settings(settings.fhir)
     assert fhir is not None
     with fhir:
@@ -346,6 +348,9 @@ private_key_file = "{client_keys.ec.path}"
 key_id = "{client_keys.ec.kid}"
 ca_bundle = "{sekmet.ca_file}"
 timeout = 20
+
+[publish]
+patient_system = "urn:oid:1.2.3.4"
 """)
     settings = load_settings(config, environ={})
     assert settings.fhir["algorithm"] == "ES384"

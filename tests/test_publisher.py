@@ -56,8 +56,9 @@ def send(gateway: GatewayProcess, directory: Path, count: int, **attributes: obj
          ) -> list[Path]:
     require_dcmtk()
     directory.mkdir(exist_ok=True)
-    files = [synthetic_instance(directory, Modality="CT", SeriesNumber=1, InstanceNumber=n + 1,
-                                **attributes) for n in range(count)]
+    files = [synthetic_instance(directory, **{"Modality": "CT", "SeriesNumber": 1,
+                                              "InstanceNumber": n + 1, **attributes})
+             for n in range(count)]
     sent = subprocess.run(["storescu", "-aec", gateway.ae_title, "127.0.0.1",
                            str(gateway.dimse_port), *map(str, files)],
                           capture_output=True, text=True, env=dcmtk_env(), timeout=60)

@@ -19,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
@@ -186,7 +187,8 @@ def test_a_query_the_engine_refuses_fails_the_move_with_a_reason(
     assert "not a valid UID" in responses[-1].ErrorComment
 
 
-def test_c_get_sends_on_the_requesters_association(world: dict[str, object]) -> None:
+def test_c_get_sends_on_the_requesters_association(world: dict[str, object],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     gateway, originals = world["gateway"], world["originals"]
     assert isinstance(gateway, GatewayProcess) and isinstance(originals, dict)
     classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
@@ -194,8 +196,12 @@ def test_c_get_sends_on_the_requesters_association(world: dict[str, object]) -> 
     got: dict[str, bytes] = {}
 
     def on_store(event: evt.Event) -> int:
-        got[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(include_meta=False)
+        got[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset(
+            include_meta=False)
         return 0x0000
+
+    # this SCU receives in memory, whatever gateway.dimse set for the process (test_records)
+    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", False)
 
     ae = AE(ae_title="GETSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)

@@ -19,16 +19,36 @@ from gateway.query import Condition, Query, QueryError, conditions_from_pairs, r
 from samples import ARCHIVE, S1, S2, S3, SE_A, SE_B, SE_C, synthetic_instance
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def services(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[Services]:
+    """The archive, indexed in SQLite and (second round) in a real PostgreSQL."""
     root = tmp_path_factory.mktemp("query")
-    settings = load_settings(environ={}, overrides={"storage": {"path": str(root / "data")}})
+    overrides: dict[str, dict[str, object]] = {"storage": {"path": str(root / "data")}}
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        url = _new_database(server)
+        overrides["index"] = {"url": url}
+    settings = load_settings(environ={}, overrides=overrides)
     built = build_services(settings)
     for attributes in ARCHIVE:
         built.ingest.store_file(synthetic_instance(root, **attributes), move=True,
                                 source="test")
     yield built
     built.close()
+
+
+def _new_database(server: str) -> str:
+    import subprocess
+    import uuid
+
+    from postgres import _as_postgres, _bin
+
+    name = f"q{uuid.uuid4().hex[:8]}"
+    host, port = server.split(":")
+    subprocess.run(_as_postgres(_bin("createdb"), "-h", host, "-p", port, "-U", "postgres",
+                                name), check=True, capture_output=True)
+    return f"postgresql+psycopg://postgres@{server}/{name}"
 
 
 def find(services: Services, level: str, *pairs: tuple[str, str], fuzzy: bool = False,
