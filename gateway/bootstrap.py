@@ -77,5 +77,6 @@ def build_publisher(settings: Settings, index: Index,
         patient_policy=publish["patient_policy"], on_delete=publish["on_delete"],
         include_instances=publish["include_instances"],
         max_backoff=float(publish["max_backoff"]), hold_retry=float(publish["hold_seconds"]),
+        workers=publish["workers"],
         poll_seconds=min(1.0, max(0.1, publish["quiet_seconds"] / 4)))
     return Publisher(index, client, mapping_options(settings), policy)

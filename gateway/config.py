@@ -359,6 +359,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Longest wait, in seconds, between attempts while the FHIR or OAuth server is "
             "unavailable (exponential back-off with jitter up to this).",
         ),
+        "workers": Key(
+            _positive, 4,
+            "Studies published at the same time (each is a few requests to the FHIR server).",
+        ),
         "hold_seconds": Key(
             _positive, 60,
             "With `patient_policy = \"hold\"`: seconds between looks for the Patient.",

@@ -39,6 +39,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ class PublishPolicy:
     lease_seconds: float = 120.0
     batch: int = 16
     poll_seconds: float = 1.0
+    workers: int = 4
 
 
 def study_facts(snapshot: Mapping[str, Any]) -> StudyFacts:
@@ -152,8 +154,13 @@ class Publisher:
         self.options = options
         self.policy = policy
         self._endpoint: dict[str, Any] | None = None
+        self._endpoint_lock = threading.Lock()
+        # Striped by patient identity: two studies of a new patient must not both create it.
+        self._patient_locks = [threading.Lock() for _ in range(64)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, policy.workers),
+                                        thread_name_prefix="publish")
 
     # -- the loop --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -168,6 +175,7 @@ class Publisher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -183,11 +191,13 @@ class Publisher:
         """Publish what is due now; returns how many studies were handled."""
         items = self.index.claim_due(limit=self.policy.batch,
                                      lease_seconds=self.policy.lease_seconds)
-        for item in items:
-            if self._stop.is_set():
-                break
-            self.handle(item)
+        # Several studies at once (``publish.workers``): each costs a few round trips to the
+        # FHIR server, mostly waiting. A claimed study left undone by a stop is re-claimed.
+        list(self._pool.map(self._handle_unless_stopped, items))
         return len(items)
+
+    def _handle_unless_stopped(self, item: OutboxItem) -> str | None:
+        return None if self._stop.is_set() else self.handle(item)
 
     def handle(self, item: OutboxItem) -> str:
         """Publish one claimed study and settle its outbox row: ``published``, ``retry`` or
@@ -246,6 +256,10 @@ class Publisher:
 
     def endpoint_reference(self) -> dict[str, Any]:
         """The gateway's DICOMweb Endpoint, created once (conditional create by identifier)."""
+        with self._endpoint_lock:
+            return self._endpoint_once()
+
+    def _endpoint_once(self) -> dict[str, Any]:
         if self._endpoint is None:
             token = endpoint_search_token(self.options.dicomweb_base_url)
             written = self.client.create(build_endpoint(self.options),
@@ -265,18 +279,23 @@ class Publisher:
                                     self.options.patient_systems)
         if self.policy.patient_policy == "identifier":
             return None  # fhir_maps writes the logical reference by identifier
-        found = _entries(self.client.search("Patient", {"identifier": identity.token},
+        with self._patient_locks[hash(identity.token) % len(self._patient_locks)]:
+            return self._find_or_create_patient(patient, identity.token, identity.system)
+
+    def _find_or_create_patient(self, patient: PatientFacts, token: str,
+                                system: str) -> dict[str, Any]:
+        found = _entries(self.client.search("Patient", {"identifier": token},
                                             elements=["id"]))
         if len(found) > 1:
             raise FhirPermanentError(f"{len(found)} Patients carry the identifier "
-                                     f"{identity.system}|…; refusing to guess")
+                                     f"{system}|…; refusing to guess")
         if found:
             return {"reference": f"Patient/{found[0]['id']}"}
         if self.policy.patient_policy == "hold":
             raise HoldForPatient(f"waiting for a Patient with identifier system "
-                                 f"{identity.system} (patient_policy = hold)")
+                                 f"{system} (patient_policy = hold)")
         written = self.client.create(build_patient(patient, self.options),
-                                     if_none_exist={"identifier": identity.token})
+                                     if_none_exist={"identifier": token})
         if written.id is None:
             raise FhirPermanentError("the Patient was created but the server did not say "
                                      "where")
