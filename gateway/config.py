@@ -245,6 +245,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "network_timeout": Key(_positive, 60,
                                "Seconds of silence before an association is aborted."),
+        "commitment_report_delay": Key(
+            _wait, 0.5,
+            "Storage Commitment (PS3.4 J.3.3): seconds after the N-ACTION response during which "
+            "a requester that releases its association is noticed; one still open after that "
+            "gets the N-EVENT-REPORT on the same association, otherwise the report goes on a "
+            "new association to the requester's `[dimse.peers]` entry. 0 = report at once.",
+        ),
     },
     "http": {
         "host": Key(_string, "0.0.0.0", "Address the HTTP server binds to."),
