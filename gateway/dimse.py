@@ -1,5 +1,6 @@
 """The DICOM network node (PS3.7/PS3.8 via pynetdicom): C-ECHO and C-STORE here, C-FIND,
-C-MOVE and C-GET in :mod:`gateway.qr`; translation only.
+C-MOVE and C-GET in :mod:`gateway.qr`, Storage Commitment (N-ACTION, N-EVENT-REPORT) in
+:mod:`gateway.commitment`; translation only.
 
 Every received data set is streamed by pynetdicom into a file in the storage's staging area
 (``STORE_RECV_CHUNKED_DATASET``: preamble, file meta, then the data set bytes exactly as they
@@ -26,7 +27,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messag
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway import qr, reactor, receiver
+from gateway import commitment, qr, reactor, receiver
 from gateway.cohort import Cohorts, cohort_of_ae_title
 from gateway.config import Settings
 from gateway.errors import StoreError
@@ -137,6 +138,12 @@ class DimseNode:
                                        scope=self.scope_of)
         for model in qr.MODEL_LEVELS:
             self.ae.add_supported_context(model, [_EXPLICIT_LE, _IMPLICIT_LE])
+        self.commitment = commitment.CommitmentSCP(
+            ingest.index, ingest.storage, settings.peers, ae=self.ae,
+            ae_title=dimse["ae_title"],
+            storage_classes={str(cx.abstract_syntax) for cx in AllStoragePresentationContexts},
+            report_delay=dimse["commitment_report_delay"])
+        self.ae.add_supported_context(commitment.SOP_CLASS, [_EXPLICIT_LE, _IMPLICIT_LE])
         # C-GET: the requester proposes the storage classes with itself as SCP (role
         # selection, PS3.7 D.3.3.4); accepting both roles keeps plain C-STORE working too.
         for context in self.ae.supported_contexts:
@@ -169,6 +176,7 @@ class DimseNode:
             (evt.EVT_C_FIND, self.find.handle),
             (evt.EVT_C_MOVE, self.retrieve.handle_move),
             (evt.EVT_C_GET, self.retrieve.handle_get),
+            (evt.EVT_N_ACTION, self.commitment.handle),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -241,6 +249,7 @@ class DimseNode:
             return
         server.shutdown()
         deadline = time.monotonic() + drain_seconds
+        self.commitment.stop(timeout=min(5.0, drain_seconds))
         # Connections that never completed association negotiation have nothing in flight.
         while ((any(a.is_established for a in server.active_associations)
                 or any(a.established for a in receiver.active_storage_associations()))
