@@ -195,3 +195,24 @@ def synthetic(pixels: np.ndarray[Any, Any], *, study: str, series: str, series_n
     for name, value in attrs.items():
         setattr(ds, name, value)
     return ds
+
+
+def storescu_profile(path: Path, files: object) -> Path:
+    """A storescu association profile proposing, for each file, its SOP class in exactly its
+    own transfer syntax (storescu's command-line options cover only some syntaxes)."""
+    syntaxes: dict[str, str] = {}
+    contexts: list[str] = []
+    for file in files:  # type: ignore[attr-defined]
+        meta = pydicom.dcmread(file, stop_before_pixels=True).file_meta
+        name = syntaxes.setdefault(str(meta.TransferSyntaxUID), f"TS{len(syntaxes) + 1}")
+        entry = f"{meta.MediaStorageSOPClassUID}\\{name}"
+        if entry not in contexts:
+            contexts.append(entry)
+    lines = ["[[TransferSyntaxes]]"]
+    for uid, name in syntaxes.items():
+        lines += [f"[{name}]", f"TransferSyntax1 = {uid}"]
+    lines += ["[[PresentationContexts]]", "[SampleContexts]"]
+    lines += [f"PresentationContext{i} = {c}" for i, c in enumerate(contexts, start=1)]
+    lines += ["[[Profiles]]", "[Samples]", "PresentationContexts = SampleContexts"]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -17,7 +17,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from conftest import GatewayProcess, dcmtk_env, pydicom_file, require_dcmtk
-from samples import dataset_bytes, fresh_copies, sample_files, stored_path
+from samples import dataset_bytes, fresh_copies, sample_files, stored_path, storescu_profile
 
 
 def _index_has(gateway: GatewayProcess, sop_uid: str) -> bool:
@@ -47,27 +47,6 @@ def _send_raw(gateway: GatewayProcess, path: Path, *, calling: str = "TEST_SCU",
         _config.STORE_SEND_CHUNKED_DATASET = previous
     assert status, "no C-STORE response"
     return int(status.Status)
-
-
-def _storescu_profile(path: Path, files: object) -> Path:
-    """A storescu association profile proposing, for each file, its SOP class in exactly its
-    own transfer syntax (storescu's command-line options cover only some syntaxes)."""
-    syntaxes: dict[str, str] = {}
-    contexts: list[str] = []
-    for file in files:  # type: ignore[attr-defined]
-        meta = pydicom.dcmread(file, stop_before_pixels=True).file_meta
-        name = syntaxes.setdefault(str(meta.TransferSyntaxUID), f"TS{len(syntaxes) + 1}")
-        entry = f"{meta.MediaStorageSOPClassUID}\\{name}"
-        if entry not in contexts:
-            contexts.append(entry)
-    lines = ["[[TransferSyntaxes]]"]
-    for uid, name in syntaxes.items():
-        lines += [f"[{name}]", f"TransferSyntax1 = {uid}"]
-    lines += ["[[PresentationContexts]]", "[SampleContexts]"]
-    lines += [f"PresentationContext{i} = {c}" for i, c in enumerate(contexts, start=1)]
-    lines += ["[[Profiles]]", "[Samples]", "PresentationContexts = SampleContexts"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_c_echo_answers_success_to_dcmtk_echoscu(gateway: GatewayProcess) -> None:
@@ -105,7 +84,7 @@ def test_dcmtk_storescu_sends_every_transfer_syntax(gateway: GatewayProcess,
     # reception is covered by the pynetdicom byte-exact test above.
     files = {s: p for s, p in sample_files(tmp_path).items()
              if not s.startswith("1.2.840.10008.1.2.4.20")}
-    config = _storescu_profile(tmp_path / "storescu.cfg", files.values())
+    config = storescu_profile(tmp_path / "storescu.cfg", files.values())
     result = subprocess.run(
         ["storescu", "-xf", str(config), "Samples", "-aec", gateway.ae_title, "127.0.0.1",
          str(gateway.dimse_port), *map(str, files.values())], env=dcmtk_env(),
