@@ -15,6 +15,35 @@ apt_install() {  # apt_install PACKAGE... : install what is missing, quietly
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+install_orthanc() {  # install_orthanc [PACKAGE...] : Debian's Orthanc (+ PACKAGEs), service never started
+  local missing=()
+  for pkg in orthanc "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "== apt-get install ${missing[*]} (its service is not started)" >&2
+  # A policy-rc.d that exits 101 (while none of the machine's own exists) keeps
+  # invoke-rc.d/deb-systemd-invoke from starting the packaged orthanc service: the tests and
+  # the benchmark start their own Orthanc with their own configuration.
+  # The package lists are refreshed only when they do not know orthanc yet (apt_install
+  # dcmtk has usually just refreshed them).
+  local update="apt-get update -qq"
+  [[ "$(apt-cache policy orthanc 2>/dev/null)" == *"Candidate: "[0-9]* ]] && update=true
+  as_root env DEBIAN_FRONTEND=noninteractive UPDATE="$update" sh -c '
+    prc=/usr/sbin/policy-rc.d
+    if [ ! -e $prc ]; then trap "rm -f $prc" EXIT; printf "#!/bin/sh\nexit 101\n" > $prc
+      chmod +x $prc; fi
+    $UPDATE && apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  ' install_orthanc "${missing[@]}"
+  stop_orthanc_service  # belt and braces: whatever the package did
+}
+
+stop_orthanc_service() {  # stop_orthanc_service : the packaged orthanc service stopped and disabled
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now orthanc >/dev/null 2>&1 || true
+  fi
+  as_root service orthanc stop >/dev/null 2>&1 || true
+  as_root update-rc.d orthanc disable >/dev/null 2>&1 || true
+}
+
 ensure_venv() {  # ensure_venv EXTRAS : .venv with the project installed (editable)
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; "$PY" -m venv "$VENV"; }

@@ -3,6 +3,7 @@
 # tests. CI (.ci/run) runs exactly this. Extra arguments go to pytest.
 source "$(dirname "$0")/_env.sh"
 apt_install dcmtk postgresql
+install_orthanc          # Debian's Orthanc 1.10 for tests/test_orthanc_interop.py
 ensure_venv "[test]"
 npm_install tests/fhir   # Medplum FHIR validator for tests/test_fhir_maps.py
 npm_install tests/oauth  # oidc-provider, the OAuth2 server of tests/fhir_servers.py
