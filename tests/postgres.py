@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,14 +62,16 @@ def postgres_server() -> Iterator[str]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-_databases = iter(range(1, 10_000))
+def new_database(server: str) -> str:
+    """SQLAlchemy URL of a new, empty database on ``server`` (``host:port``)."""
+    name = f"gw{uuid.uuid4().hex[:12]}"
+    host, port = server.split(":")
+    subprocess.run(_as_postgres(_bin("createdb"), "-h", host, "-p", port, "-U", "postgres",
+                                name), check=True, capture_output=True)
+    return f"postgresql+psycopg://postgres@{server}/{name}"
 
 
 @pytest.fixture
 def postgres_url(postgres_server: str) -> str:
-    """SQLAlchemy URL of a new, empty database on :func:`postgres_server`."""
-    name = f"gw{next(_databases)}"
-    host, port = postgres_server.split(":")
-    subprocess.run(_as_postgres(_bin("createdb"), "-h", host, "-p", port, "-U", "postgres",
-                                name), check=True, capture_output=True)
-    return f"postgresql+psycopg://postgres@{postgres_server}/{name}"
+    """A new, empty database on :func:`postgres_server`."""
+    return new_database(postgres_server)

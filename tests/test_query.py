@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from postgres import new_database
 
 from gateway.bootstrap import Services, build_services
 from gateway.config import load_settings
@@ -27,7 +28,7 @@ def services(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     overrides: dict[str, dict[str, object]] = {"storage": {"path": str(root / "data")}}
     if request.param == "postgresql":
         server = request.getfixturevalue("postgres_server")
-        url = _new_database(server)
+        url = new_database(server)
         overrides["index"] = {"url": url}
     settings = load_settings(environ={}, overrides=overrides)
     built = build_services(settings)
@@ -36,19 +37,6 @@ def services(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
                                 source="test")
     yield built
     built.close()
-
-
-def _new_database(server: str) -> str:
-    import subprocess
-    import uuid
-
-    from postgres import _as_postgres, _bin
-
-    name = f"q{uuid.uuid4().hex[:8]}"
-    host, port = server.split(":")
-    subprocess.run(_as_postgres(_bin("createdb"), "-h", host, "-p", port, "-U", "postgres",
-                                name), check=True, capture_output=True)
-    return f"postgresql+psycopg://postgres@{server}/{name}"
 
 
 def find(services: Services, level: str, *pairs: tuple[str, str], fuzzy: bool = False,
