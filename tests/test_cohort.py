@@ -68,41 +68,46 @@ def world(sekmet: Sekmet, client_keys: ClientKeys, tmp_path_factory: pytest.Temp
         made.append(gateway)
         return gateway
 
-    gateway = gateway_with_fhir(make, sekmet, client_keys)
-    gateway.extra["cohorts"] = {"cache_seconds": 0}
-    require_dcmtk()
-    store_port = free_port()
-    (root / "moved").mkdir()
-    storescp = subprocess.Popen(["storescp", "-aet", "COHORT_SINK", "-od", str(root / "moved"),
-                                 str(store_port)], env=dcmtk_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gateway.extra["dimse"] = {"peers": {"COHORT_SINK": {"host": "127.0.0.1",
-                                                         "port": store_port}}}
-    gateway.start()
-    with sekmet_client(sekmet, client_keys, scope=BROAD_SCOPE) as fhir:
-        for mrn, (birth, conditions) in PATIENTS.items():
-            patient = fhir.create({"resourceType": "Patient", "birthDate": birth,
-                                   "identifier": [{"system": MRN, "value": mrn}]}).id
-            for code, status in conditions:
-                fhir.create({"resourceType": "Condition", "subject": {
-                    "reference": f"Patient/{patient}"},
-                    "clinicalStatus": {"coding": [{
-                        "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                        "code": status}]},
-                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}]}})
-        keys: dict[str, str] = {}
-        for number, (mrn, modality, date) in enumerate(STUDIES):
-            study_uid = uid()
-            keys[study_uid] = f"{mrn}|{modality}|{date}"
-            send(gateway, root / f"s{number}", 1, PatientID=mrn, StudyInstanceUID=study_uid,
-                 Modality=modality, StudyDate=date)
-        for study_uid in keys:
-            wait_for(lambda s=study_uid: imaging_studies(fhir, s), what="publication")
-    yield {"gateway": gateway, "keys": keys, "moved": root / "moved"}
-    for process in made:
-        process.stop()
-    storescp.terminate()
-    storescp.wait()
+    storescp: subprocess.Popen[bytes] | None = None
+    try:
+        gateway = gateway_with_fhir(make, sekmet, client_keys)
+        gateway.extra["cohorts"] = {"cache_seconds": 0}
+        require_dcmtk()
+        store_port = free_port()
+        (root / "moved").mkdir()
+        storescp = subprocess.Popen(["storescp", "-aet", "COHORT_SINK", "-od", str(root / "moved"),
+                                     str(store_port)], env=dcmtk_env(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gateway.extra["dimse"] = {"peers": {"COHORT_SINK": {"host": "127.0.0.1",
+                                                             "port": store_port}}}
+        gateway.start()
+        with sekmet_client(sekmet, client_keys, scope=BROAD_SCOPE) as fhir:
+            for mrn, (birth, conditions) in PATIENTS.items():
+                patient = fhir.create({"resourceType": "Patient", "birthDate": birth,
+                                       "identifier": [{"system": MRN, "value": mrn}]}).id
+                for code, status in conditions:
+                    fhir.create({"resourceType": "Condition", "subject": {
+                        "reference": f"Patient/{patient}"},
+                        "clinicalStatus": {"coding": [{
+                            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                            "code": status}]},
+                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}]}})
+            keys: dict[str, str] = {}
+            for number, (mrn, modality, date) in enumerate(STUDIES):
+                study_uid = uid()
+                keys[study_uid] = f"{mrn}|{modality}|{date}"
+                send(gateway, root / f"s{number}", 1, PatientID=mrn, StudyInstanceUID=study_uid,
+                     Modality=modality, StudyDate=date)
+            for study_uid in keys:
+                wait_for(lambda s=study_uid: imaging_studies(fhir, s), what="publication")
+        yield {"gateway": gateway, "keys": keys, "moved": root / "moved"}
+    finally:  # also when setting up failed half way
+        for process in made:
+            if process.process is not None:
+                process.stop()
+        if storescp is not None:
+            storescp.terminate()
+            storescp.wait()
 
 
 def create(gateway: GatewayProcess, fhir: str, imaging: dict[str, str] | None = None
