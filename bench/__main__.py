@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int,
                    help="QIDO-RS/C-FIND requests per query and run (20 quick, 50 full)")
     p.add_argument("--retrieves", type=int,
-                   help="studies (WADO-RS) or patients (C-MOVE/C-GET) per run (5 quick, 10 full)")
+                   help="studies (WADO-RS) or patients (C-MOVE/C-GET) per run (3 quick, 10 full)")
     p.add_argument("--scale-studies", type=int, default=scale.FULL_SCALE.studies,
                    help="studies in the scale index, 20 instances each on average "
                    f"(default {scale.FULL_SCALE.studies})")
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(ingest.render_markdown(summaries, targets, unavailable, runs, dataset))
     if any(m in QR_MEASURES for m in measures):
         opts = QrOptions(runs=runs, requests=args.requests or (50 if args.full else 20),
-                         retrieves=args.retrieves or (10 if args.full else 5))
+                         retrieves=args.retrieves or (10 if args.full else 3))
         qr_raw, qr_sections = run_qr(measures, runnable, dataset, args.cache / "runs", opts)
         raw.update(qr_raw)
         sections += qr_sections

@@ -8,11 +8,13 @@
   :mod:`bench.archive`); timed from the request to the final response, which must report
   every instance completed and none failed. The SCU only reads small pending responses, so a
   Python client does not limit the figure.
-* **C-GET** (throughput): dcmtk ``getscu --ignore`` (128 KiB PDUs), one process and
-  association per patient, since the receiving side must keep up with the archive (a
-  pynetdicom receiver would cap it near 100 inst/s). Timed from launch to exit, which includes
-  the tool's start-up and association set-up (the ``echoscu`` round trip recorded beside the
-  figures is of that order); checked by exit status and one C-STORE response per instance.
+* **C-GET** (throughput): dcmtk ``getscu --ignore`` (128 KiB PDUs), since the receiving side
+  must keep up with the archive (a pynetdicom receiver would cap it near 100 inst/s). One
+  process and association per run fetches one whole patient ``retrieves`` times
+  (``--repeat``; getscu 3.6.7 crashes when given several query files), timed from launch to
+  exit: the tool's start-up and association set-up (an ``echoscu`` process is recorded
+  beside the figures for scale) are paid once per run. Checked by exit status and one C-STORE
+  response per instance received.
 
 Both SCUs run with ``TCP_NODELAY`` (pynetdicom's client sockets: set after association;
 dcmtk: ``TCP_NODELAY=1``), so no request waits on a delayed ACK.
@@ -234,22 +236,24 @@ def run_cmove(loaded: LoadedTarget, dataset: GeneratedDataset, run: int,
     return result
 
 
-def _one_get(loaded: LoadedTarget, patient: Patient) -> float:
-    """Seconds of one getscu process fetching a whole patient; ``ValueError`` if incomplete."""
+def _get_repeated(loaded: LoadedTarget, patient: Patient, repeat: int) -> float:
+    """Seconds of one getscu process fetching a whole patient ``repeat`` times on one
+    association; ``ValueError`` unless every instance arrived every time."""
     assert loaded.running is not None
     cmd = ["getscu", "-v", "-P", "-aet", SCU_AET, "-aec", loaded.target.aet, "--ignore",
-           "-pdu", str(MAX_PDU), "-k", "QueryRetrieveLevel=PATIENT",
+           "-pdu", str(MAX_PDU), "--repeat", str(repeat), "-k", "QueryRetrieveLevel=PATIENT",
            "-k", f"PatientID={patient.patient_id}", HOST, str(loaded.running.ep.dimse_port)]
+    expected = patient.instances * repeat
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True,
-                          timeout=max(120, patient.instances), cwd=loaded.running.ep.workdir)
+                          timeout=max(120, expected), cwd=loaded.running.ep.workdir)
     seconds = time.perf_counter() - t0
     output = done.stdout + done.stderr
     received = output.count("Sending C-STORE Response (Success)")
-    if done.returncode != 0 or received != patient.instances:
+    if done.returncode != 0 or received != expected:
         tail = " | ".join(output.splitlines()[-3:])
-        raise ValueError(f"getscu for {patient.patient_id}: exit {done.returncode}, {received} "
-                         f"of {patient.instances} instances: {tail}")
+        raise ValueError(f"getscu for {patient.patient_id} x{repeat}: exit {done.returncode}, "
+                         f"{received} of {expected} instances: {tail}")
     return seconds
 
 
@@ -265,17 +269,19 @@ def echo_seconds(loaded: LoadedTarget) -> float | None:
 
 def run_cget(loaded: LoadedTarget, dataset: GeneratedDataset, run: int,
              retrieves: int) -> ThroughputRun:
-    """One run: ``getscu`` each of the first ``retrieves`` patients, one after the other."""
+    """One run: one ``getscu`` process C-GETs one patient ``retrieves`` times (the patient
+    changes from run to run)."""
     assert loaded.running is not None
-    chosen = patients(dataset)[:max(1, retrieves)]
-    result = ThroughputRun("cget", "patient", loaded.target.name, run, "failed", None,
-                           len(chosen))
+    everyone = patients(dataset)
+    patient = everyone[(run - 1) % len(everyone)]
+    repeat = max(1, retrieves)
+    result = ThroughputRun("cget", "patient", loaded.target.name, run, "failed", None, repeat)
     mon: TreeMonitor | None = None
     try:
         mon = TreeMonitor(loaded.running.pid)
         mon.start()
-        seconds = [_one_get(loaded, p) for p in chosen]
-        result.finish(seconds, sum(p.instances for p in chosen), sum(p.bytes for p in chosen),
+        seconds = _get_repeated(loaded, patient, repeat)
+        result.finish([seconds], patient.instances * repeat, patient.bytes * repeat,
                       mon.stop().cpu_seconds)
     except Exception as exc:
         result.error = repr(exc)
@@ -322,13 +328,13 @@ def render_retrieve(measure: str, summaries: list[Summary], dataset: GeneratedDa
     else:
         overhead = ", ".join(f"{name} {ms:.0f} ms" for name, ms in echo_ms.items())
         head = ["## C-GET", "",
-                f"dcmtk `getscu --ignore` (TCP_NODELAY=1, 128 KiB max PDU), one process and "
-                f"association per patient, {len(chosen)} whole patients (≈{per} instances "
-                f"each, {instances} in all) per run, timed from launch to exit (start-up and "
-                f"association included; an `echoscu` process took {overhead or 'n/a'}); "
-                "each must end with exit status 0 and one C-STORE per instance. inst/s over "
-                f"the summed times, {runs} run(s), median (min-max). Goal: at least Orthanc's "
-                "throughput."]
+                f"dcmtk `getscu --ignore` (TCP_NODELAY=1, 128 KiB max PDU): per run one "
+                f"process and association fetching one whole patient (≈{per} instances; "
+                f"another patient each run) {max(1, retrieves)} times (`--repeat`), timed from "
+                f"launch to exit (start-up and association set-up included once; a whole "
+                f"`echoscu` process took {overhead or 'n/a'}); it must exit 0 with one "
+                "C-STORE per instance. inst/s over that time, "
+                f"{runs} run(s), median (min-max). Goal: at least Orthanc's throughput."]
     parts = [*head, "", throughput_table(summaries)]
     lines = failures(summaries)
     if lines:

@@ -233,7 +233,8 @@ def latency_table(summaries: list[Summary], case_labels: dict[str, str],
         header.append("p50 ratio to Orthanc (< 1 = faster)")
     header += ["goal", "runs ok"]
     rows = []
-    for s in summaries:
+    order = {case: i for i, case in enumerate(dict.fromkeys(s.case for s in summaries))}
+    for s in sorted(summaries, key=lambda x: order[x.case]):  # stable: targets keep order
         row = [case_labels.get(s.case, s.case), s.target]
         if s.runs_ok == 0:
             row += ["**failed**", "-", "-"]

@@ -258,7 +258,7 @@ def _manifest(spec: ScaleSpec, studies: list[_Study], patients: dict[int, dict[s
     per_patient: dict[int, int] = {}
     for st in studies:
         per_patient[st.patient] = per_patient.get(st.patient, 0) + 1
-    several = [p for p, n in sorted(per_patient.items()) if n >= 3]
+    several = [p for p, n in sorted(per_patient.items()) if n >= 3] or sorted(per_patient)
     step = max(1, len(several) // 200)
     sample = [(patients[p]["PatientID"], per_patient[p]) for p in several[::step][:200]]
     ct_days = sorted(st.day for st in studies if any(m == "CT" for m, _c in st.series))
