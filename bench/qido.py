@@ -74,8 +74,8 @@ def check_answer(status: int, body: bytes, expected: int | None) -> int:
 def run_case(measure: str, case: QueryCase, loaded: LoadedTarget, run: int, requests: int,
              root: str | None = None) -> LatencyRun:
     """``requests`` timed requests of ``case`` (after :data:`WARMUP`) against one target."""
-    assert loaded.running is not None and loaded.running.ep.http_port is not None
     rt = loaded.running
+    assert rt is not None and rt.ep.http_port is not None
     base = loaded.target.dicomweb_root if root is None else root
     result = LatencyRun(measure, case.name, loaded.target.name, run, "failed", None, requests)
     client = HttpClient(rt.ep.http_port)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ def run_qr(measures: list[str], targets: list[Target], dataset: GeneratedDataset
                         results[measure].append(res)
                         progress(res)
         raw["setup"] = {"archives": [item.as_dict() for item in archives.loaded],
-                        "options": opts.__dict__, "echoscu_ms": echo_ms,
+                        "options": asdict(opts), "echoscu_ms": echo_ms,
                         "wado_content_types": dict(wado.CONTENT_TYPES)}
     sections = [_setup_section(archives.loaded, dataset)]
     for measure in chosen:

@@ -102,7 +102,7 @@ def _schema_ddl() -> str:
 
     from gateway.index import metadata
 
-    dialect = sqlite_dialect.dialect()  # type: ignore[no-untyped-call]
+    dialect = sqlite_dialect.dialect()
     parts = []
     for table in metadata.sorted_tables:
         parts.append(str(CreateTable(table).compile(dialect=dialect)))
@@ -335,7 +335,7 @@ def _sql_for(case: QueryCase) -> str:
     stmt, _python = compile_query(Query("STUDY", conditions_from_pairs(pairs), limit=limit),
                                   sqlite=True)
     stmt = stmt.limit(limit + 1)
-    compiled = stmt.compile(dialect=sqlite_dialect.dialect(),  # type: ignore[no-untyped-call]
+    compiled = stmt.compile(dialect=sqlite_dialect.dialect(),
                             compile_kwargs={"literal_binds": True})
     return str(compiled)
 
