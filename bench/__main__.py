@@ -3,8 +3,10 @@
 Examples::
 
     python -m bench --quick                          # all targets, small dataset, < 2 min
-    python -m bench --full --runs 3                  # ≈2600 instances, ≈1.1 GB
+    python -m bench --full --runs 3                  # ≈2600 instances, ≈1.1 GB, + scale
     python -m bench --full --targets storescp,orthanc --assocs 1
+    python -m bench --quick --measures qido,wado     # query/retrieve only
+    python -m bench --quick --measures scale         # the 1M-instance index (built once)
 
 Peers come from scripts/install_bench_deps.sh (dcmtk, Orthanc + DICOMweb plugin).
 """
@@ -20,15 +22,18 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from bench import BENCH_ROOT_DEFAULT, ingest
+from bench import BENCH_ROOT_DEFAULT, ingest, scale
 from bench import targets as targets_mod
 from bench.dataset import FULL_SPEC, QUICK_SPEC, DatasetSpec, ensure_dataset, warm_page_cache
+from bench.qrrun import QR_MEASURES, QrOptions, run_qr
 from bench.report import render_document, write_outputs
 from bench.sysinfo import REPO_ROOT, machine_info, tool_versions
 from bench.targets import TARGETS, Target
 
-MEASURES = ("ingest",)
-"""Measures this harness knows; QIDO, WADO, C-FIND, C-MOVE… will join as their own modules."""
+MEASURES = ("ingest", *QR_MEASURES, "scale")
+"""Measures this harness knows, in report order."""
+QUICK_MEASURES = ("ingest", *QR_MEASURES)
+"""What --quick runs unless --measures says otherwise (scale is opt-in there)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,11 +46,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="2600 instances (≈1.13 GB) as in infra.md, 3 runs")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated, from: {','.join(TARGETS)} (default: all)")
-    p.add_argument("--measures", default=",".join(MEASURES),
-                   help=f"comma-separated, from: {','.join(MEASURES)}")
+    p.add_argument("--measures",
+                   help=f"comma-separated, from: {','.join(MEASURES)} (default: all but scale "
+                   "with --quick, all with --full)")
     p.add_argument("--runs", type=int, help="runs per target and parallelism (2 quick, 3 full)")
     p.add_argument("--assocs", default="1,4",
                    help="parallel associations to measure, comma-separated (default 1,4)")
+    p.add_argument("--requests", type=int,
+                   help="QIDO-RS/C-FIND requests per query and run (20 quick, 50 full)")
+    p.add_argument("--retrieves", type=int,
+                   help="studies (WADO-RS) or patients (C-MOVE/C-GET) per run (3 quick, 10 full)")
+    p.add_argument("--scale-studies", type=int, default=scale.FULL_SCALE.studies,
+                   help="studies in the scale index, 20 instances each on average "
+                   f"(default {scale.FULL_SCALE.studies})")
     p.add_argument("--studies", type=int, help="override the preset's number of studies")
     p.add_argument("--series-per-study", type=int, help="override series per study")
     p.add_argument("--instances-per-series", type=int, help="override instances per series")
@@ -98,7 +111,10 @@ def _progress(res: ingest.IngestRun) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Generate or reuse the dataset, run the measures, write and print the report."""
     args = parse_args(argv)
-    measures = [m.strip() for m in args.measures.split(",") if m.strip()]
+    if args.measures is None:
+        measures = list(MEASURES if args.full else QUICK_MEASURES)
+    else:
+        measures = [m.strip() for m in args.measures.split(",") if m.strip()]
     if any(m not in MEASURES for m in measures):
         sys.exit(f"unknown measure in {args.measures!r}; known: {', '.join(MEASURES)}")
     spec = choose_spec(args)
@@ -145,6 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         raw["ingest"] = {"runs": [r.as_dict() for r in results],
                          "summary": [s.as_dict() for s in summaries]}
         sections.append(ingest.render_markdown(summaries, targets, unavailable, runs, dataset))
+    if any(m in QR_MEASURES for m in measures):
+        opts = QrOptions(runs=runs, requests=args.requests or (50 if args.full else 20),
+                         retrieves=args.retrieves or (10 if args.full else 3))
+        qr_raw, qr_sections = run_qr(measures, runnable, dataset, args.cache / "runs", opts)
+        raw.update(qr_raw)
+        sections += qr_sections
+    if "scale" in measures:
+        spec_scale = scale.scale_spec(args.scale_studies)
+        scale_raw, scale_section = scale.run(
+            spec_scale, args.cache, runs, args.requests or (50 if args.full else 20),
+            available="gateway" not in unavailable)
+        raw["scale"] = scale_raw
+        sections.append(scale_section)
 
     raw["wall_seconds"] = time.perf_counter() - t_start
     raw_path = str(args.json.relative_to(REPO_ROOT) if args.json.is_relative_to(REPO_ROOT)

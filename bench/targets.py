@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -83,6 +83,38 @@ def http_json(url: str, timeout: float = 2.0) -> object:
         return json.loads(resp.read())
 
 
+def storescu_push(aet: str, port: int, files: list[Path], root: Path, logdir: Path,
+                  assocs: int = 1, calling: str = "BENCHSCU") -> None:
+    """Send ``files`` (paths under ``root``) with ``assocs`` parallel dcmtk storescu processes.
+
+    Raises ``RuntimeError`` naming the first sender that failed (with its log tail).
+    """
+    parts = max(1, min(assocs, len(files)))
+    chunk = -(-len(files) // parts)
+    procs = []
+    for i in range(parts):
+        part = files[i * chunk:(i + 1) * chunk]
+        log = logdir / f"load-storescu-{i}.log"
+        cmd = ["storescu", "-aet", calling, "-aec", aet, HOST, str(port),
+               *(str(p.relative_to(root)) for p in part)]
+        with open(log, "wb") as fh:
+            procs.append((subprocess.Popen(cmd, cwd=root, env=dcmtk_env(),
+                                           stdin=subprocess.DEVNULL, stdout=fh,
+                                           stderr=subprocess.STDOUT), log))
+    errors = []
+    for proc, log in procs:
+        try:
+            code = proc.wait(timeout=max(300.0, len(files) / 5))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        if code != 0:
+            tail = " | ".join(log.read_text(errors="replace").splitlines()[-3:])
+            errors.append(f"storescu exit {code}: {tail}")
+    if errors:
+        raise RuntimeError(errors[0])
+
+
 @dataclass
 class Endpoint:
     """Where one started target listens and keeps its files."""
@@ -91,6 +123,8 @@ class Endpoint:
     aet: str
     dimse_port: int
     http_port: int | None = None
+    #: C-MOVE destinations the target must know: AE title -> (host, port).
+    peers: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 class Target:
@@ -103,6 +137,10 @@ class Target:
     ready_timeout: ClassVar[float] = 30.0
     #: Folder under the work dir where the target writes Part-10 files (None: it keeps none).
     output_dir: ClassVar[str | None] = None
+    #: Whether it answers QIDO/WADO-RS and C-FIND/C-MOVE/C-GET (the query/retrieve measures).
+    serves_qr: ClassVar[bool] = False
+    #: Path of the DICOMweb root on its HTTP port (QIDO-RS, WADO-RS), when it has one.
+    dicomweb_root: ClassVar[str] = ""
 
     def unavailable_reason(self) -> str | None:
         """Why this target cannot run on this machine, or None if it can."""
@@ -133,6 +171,17 @@ class Target:
         if self.output_dir is None:
             return "storescu exit codes only"
         return "exit codes + Part-10 files written"
+
+    def load(self, ep: Endpoint, files: list[Path], root: Path, logdir: Path) -> None:
+        """Put ``files`` (all under ``root``) into the running target by its fastest bulk path.
+
+        Only for targets that :attr:`serves_qr`; raises ``RuntimeError`` when loading fails.
+        """
+        raise NotImplementedError(f"{self.name} cannot be loaded for query/retrieve")
+
+    def indexed_count(self, ep: Endpoint) -> int | None:
+        """How many instances the target can answer queries about (default: stored count)."""
+        return self.stored_count(ep)
 
 
 def _which(tool: str) -> str | None:
@@ -179,6 +228,8 @@ class OrthancTarget(Target):
     description = "Orthanc 1.10 + DICOMweb plugin (SQLite, files, fsync per file)"
     aet = "ORTHANC"
     uses_http = True
+    serves_qr = True
+    dicomweb_root = "/dicom-web"
 
     def unavailable_reason(self) -> str | None:
         if shutil.which("Orthanc") is None:
@@ -199,6 +250,12 @@ class OrthancTarget(Target):
             "DicomCheckCalledAet": False,
             "Plugins": plugins,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            # Query/retrieve from the harness's SCUs, which Orthanc does not know by AE title
+            # (1.9.0+ refuses C-FIND/C-GET/C-MOVE from unknown modalities by default).
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomModalities": {ae: [ae, host, port] for ae, (host, port) in ep.peers.items()},
         }
         (ep.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
 
@@ -224,6 +281,10 @@ class OrthancTarget(Target):
 
     def verification(self) -> str:
         return "exit codes + /statistics CountInstances"
+
+    def load(self, ep: Endpoint, files: list[Path], root: Path, logdir: Path) -> None:
+        """C-STORE with two parallel storescu (Orthanc's fastest bulk path measured here)."""
+        storescu_push(self.aet, ep.dimse_port, files, root, logdir, assocs=2)
 
 
 class PynetdicomTarget(Target):
@@ -255,6 +316,10 @@ class GatewayTarget(Target):
     uses_http = True
     output_dir: ClassVar[str | None] = "data"  # the [storage] path
     ready_timeout = 60.0
+    serves_qr = True
+    dicomweb_root = "/dicomweb"
+    #: Extra TOML appended to the configuration (the scale measure points [index] elsewhere).
+    extra_config: str = ""
 
     def unavailable_reason(self) -> str | None:
         if not (GATEWAY_BIN.is_file() and os.access(GATEWAY_BIN, os.X_OK)):
@@ -273,6 +338,9 @@ class GatewayTarget(Target):
             f"port = {ep.http_port}\n"
             "[storage]\n"
             f'path = "{ep.workdir / "data"}"\n'
+            + "".join(f'[dimse.peers.{ae}]\nhost = "{host}"\nport = {port}\n'
+                      for ae, (host, port) in ep.peers.items())
+            + self.extra_config
         )
 
     def command(self, ep: Endpoint) -> list[str]:
@@ -280,6 +348,23 @@ class GatewayTarget(Target):
 
     def verification(self) -> str:
         return "exit codes + Part-10 files under [storage] path"
+
+    def load(self, ep: Endpoint, files: list[Path], root: Path, logdir: Path) -> None:
+        """``imaging-gateway import`` of the dataset folder beside the running gateway."""
+        cmd = [str(GATEWAY_BIN), "import", "--config", str(ep.workdir / "gateway.toml"),
+               "--no-progress", "--jobs", "2", str(root)]
+        log = logdir / "import.log"
+        with open(log, "wb") as fh:
+            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=fh,
+                                  stderr=subprocess.STDOUT, timeout=max(300, len(files) / 5))
+        if done.returncode != 0:
+            tail = " | ".join(log.read_text(errors="replace").splitlines()[-3:])
+            raise RuntimeError(f"imaging-gateway import exited {done.returncode}: {tail}")
+
+    def indexed_count(self, ep: Endpoint) -> int | None:
+        status = http_json(f"http://{HOST}:{ep.http_port}/api/status", timeout=10)
+        assert isinstance(status, dict)
+        return int(status["counts"]["instances"])
 
 
 TARGETS: dict[str, Target] = {
@@ -304,7 +389,8 @@ class RunningTarget:
 
     STOP_GRACE = 20.0
 
-    def __init__(self, target: Target, workroot: Path) -> None:
+    def __init__(self, target: Target, workroot: Path,
+                 peers: dict[str, tuple[str, int]] | None = None) -> None:
         self.target = target
         workroot.mkdir(parents=True, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=workroot))
@@ -313,6 +399,7 @@ class RunningTarget:
             aet=target.aet,
             dimse_port=free_port(),
             http_port=free_port() if target.uses_http else None,
+            peers=dict(peers or {}),
         )
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None

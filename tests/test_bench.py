@@ -1,6 +1,8 @@
 """Smoke run of the benchmark harness (bench/): it starts the gateway and dcmtk storescp,
-pushes a tiny generated study into each with storescu, verifies every instance arrived and
-writes the report. No timing is asserted: only that the harness works end to end."""
+pushes a tiny generated study into each with storescu, verifies every instance arrived, runs
+the query/retrieve measures against the gateway loaded with that study and the scale measure
+on a tiny generated index, and writes the report. No timing is asserted: only that the harness
+works end to end."""
 
 from __future__ import annotations
 
@@ -12,21 +14,39 @@ from pathlib import Path
 from conftest import ROOT, require_dcmtk
 
 
-def test_quick_ingest_benchmark_runs_against_the_gateway_and_storescp(tmp_path: Path) -> None:
+def _section(report: str, title: str) -> str:
+    """The Markdown of one ``## title`` section."""
+    start = report.index(f"## {title}")
+    end = report.find("\n## ", start + 1)
+    return report[start:] if end < 0 else report[start:end]
+
+
+def test_quick_benchmark_runs_every_measure_against_the_gateway(tmp_path: Path) -> None:
     require_dcmtk()
     out, raw = tmp_path / "benchmarks.md", tmp_path / "latest.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--targets", "gateway,storescp",
+         "--measures", "ingest,qido,cfind,wado,cmove,cget,scale",
          "--runs", "1", "--assocs", "1,4", "--studies", "1", "--series-per-study", "1",
-         "--instances-per-series", "12", "--cache", str(tmp_path / "cache"),
+         "--instances-per-series", "12", "--requests", "3", "--retrieves", "1",
+         "--scale-studies", "20", "--cache", str(tmp_path / "cache"),
          "--out", str(out), "--json", str(raw)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = out.read_text()
-    assert "| gateway: imaging-gateway (this project) |" in report
-    assert "ratio to storescp" in report
-    rows = [line for line in report.splitlines()
+    ingest = _section(report, "C-STORE ingest")
+    assert "| gateway: imaging-gateway (this project) |" in ingest
+    assert "ratio to storescp" in ingest
+    rows = [line for line in ingest.splitlines()
             if line.startswith(("| gateway:", "| storescp:"))]
     assert len(rows) == 4 and all(row.endswith("| 1/1 |") for row in rows), rows
+    # Query/retrieve and scale: the gateway alone (no Orthanc here), every run checked.
+    for title, gateway_rows in (("QIDO-RS latency", 3), ("C-FIND latency", 1),
+                                ("WADO-RS whole-study retrieval", 1), ("C-GET", 1),
+                                ("QIDO-RS at scale", 3)):
+        rows = [line for line in _section(report, title).splitlines() if "| gateway |" in line]
+        assert len(rows) == gateway_rows and all(r.endswith("| 1/1 |") for r in rows), rows
+    assert "| gateway |" in _section(report, "C-MOVE")
     data = json.loads(raw.read_text())
-    assert "ingest" in json.dumps(data)
+    assert {"ingest", "qido", "cfind", "wado", "cmove", "cget", "scale"} <= set(data)
+    assert data["scale"]["manifest"]["counts"]["instances"] == 400
