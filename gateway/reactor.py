@@ -16,6 +16,10 @@ plus a wake-up pipe written when a primitive is queued for sending; and a wait o
 message queue's condition. Each wait still times out after a few milliseconds, so every check
 the reactors make after sleeping (timers, kill flags, release and abort requests) keeps running.
 
+The association's reactor checkpoint (paused while another thread sends on the association) is
+replaced by :class:`_Checkpoint`, which wakes the reactor at once and closes a race in which
+the reactor stole the response a sender was waiting for.
+
 The sleeps are found through the thread that calls them (each reactor is its own
 ``threading.Thread``), so nothing else in pynetdicom changes behaviour. The project pins
 pynetdicom 3.0.4; ``tests/test_reactor.py`` fails if the patched internals move.
@@ -114,6 +118,46 @@ def _association_wait(assoc: Any) -> None:
             queue.not_empty.notify()
 
 
+class _Checkpoint(threading.Event):
+    """``Association._reactor_checkpoint`` without its two races.
+
+    A thread about to send on an association (``send_c_store`` of a C-MOVE sub-operation,
+    ``release``…) clears the checkpoint and spins until the reactor says it is paused. With the
+    waits above the reactor could sit in :func:`_association_wait` for its whole timeout first
+    (10 ms a sub-operation), so :meth:`clear` wakes it. And the reactor could return from
+    ``wait()`` on a set flag, be seen as "paused" by a sender that clears just then, and go on
+    to take the sender's response off the DIMSE queue ("unexpected C-STORE service message",
+    then a timeout): :meth:`wait` marks the reactor running *before* it re-checks the flag, and
+    pauses again if the flag was cleared meanwhile.
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self._assoc = weakref.ref(assoc)
+
+    def clear(self) -> None:
+        super().clear()
+        assoc = self._assoc()
+        dimse = getattr(assoc, "dimse", None) if assoc is not None else None
+        if dimse is not None:
+            queue = dimse.msg_queue
+            with queue.not_empty:
+                queue.not_empty.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assoc: Any = self._assoc()
+        if assoc is None or threading.current_thread() is not assoc:
+            return super().wait(timeout)
+        reactor: Any = assoc  # the reactor thread itself
+        while True:
+            if not super().wait(timeout):
+                return False
+            reactor._is_paused = False
+            if self.is_set():
+                return True
+            reactor._is_paused = True
+
+
 class _TimeShim:
     """Stands in for the ``time`` module inside pynetdicom's dul and association modules."""
 
@@ -147,4 +191,12 @@ def install() -> None:
         _wake_of(self).set()
 
     DULServiceProvider.send_pdu = send_pdu  # type: ignore[method-assign]
+    original_init = Association.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self._reactor_checkpoint = _Checkpoint(self)
+        self._reactor_checkpoint.set()
+
+    Association.__init__ = init  # type: ignore[method-assign]
     _installed = True
