@@ -238,10 +238,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _positive, 1,
             "Receiver processes sharing the DICOM port (SO_REUSEPORT); 1 = in the main process.",
         ),
-        "fast_storage": Key(
+        "lean_upper_layer": Key(
             _boolean, True,
-            "Serve associations that propose only Storage and Verification with the lean "
-            "receiver (`gateway/receiver.py`); `false` hands every association to pynetdicom.",
+            "Serve associations with the gateway's lean DICOM Upper Layer "
+            "(`gateway/receiver.py`: storage, verification, query/retrieve) unless they "
+            "propose Storage Commitment, which pynetdicom serves; `false` hands every "
+            "association to pynetdicom.",
         ),
         "network_timeout": Key(_positive, 60,
                                "Seconds of silence before an association is aborted."),

@@ -27,7 +27,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messag
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway import commitment, qr, reactor, receiver
+from gateway import commitment, qr, qr_lean, reactor, receiver
 from gateway.cohort import Cohorts, cohort_of_ae_title
 from gateway.config import Settings
 from gateway.errors import StoreError
@@ -120,22 +120,11 @@ class DimseNode:
         receiver.ReceiveSink.directory = ingest.storage.staging_dir()
         self.ae = self._make_ae()
         dimse = settings.dimse
-        self.fast_storage = dimse["fast_storage"]
-        self.policy = receiver.Policy(
-            ae_title=dimse["ae_title"],
-            supported_contexts=self.ae.supported_contexts,
-            allowed_callers=dimse["allowed_callers"],
-            check_called_ae=dimse["check_called_ae"],
-            max_pdu=dimse["max_pdu"],
-            network_timeout=dimse["network_timeout"],
-            maximum_associations=self.ae.maximum_associations,
-        )
-        # Only storage and verification go to the lean receiver; everything added below is
-        # pynetdicom's to serve.
-        self._served_here = {str(cx.abstract_syntax) for cx in self.ae.supported_contexts}
-        self.find = qr.FindSCP(ingest.index, dimse["ae_title"], scope=self.scope_of)
-        self.retrieve = qr.RetrieveSCP(ingest.index, ingest.storage, settings.peers,
-                                       scope=self.scope_of)
+        self.lean_upper_layer = dimse["lean_upper_layer"]
+        self.qr = qr.QueryRetrieve(ingest.index, ingest.storage, settings.peers,
+                                   dimse["ae_title"], scope=self.scope_of)
+        self.find = qr.FindSCP(self.qr)
+        self.retrieve = qr.RetrieveSCP(self.qr)
         for model in qr.MODEL_LEVELS:
             self.ae.add_supported_context(model, [_EXPLICIT_LE, _IMPLICIT_LE])
         self.commitment = commitment.CommitmentSCP(
@@ -144,13 +133,29 @@ class DimseNode:
             storage_classes={str(cx.abstract_syntax) for cx in AllStoragePresentationContexts},
             report_delay=dimse["commitment_report_delay"])
         self.ae.add_supported_context(commitment.SOP_CLASS, [_EXPLICIT_LE, _IMPLICIT_LE])
+        #: What only pynetdicom serves: an association proposing it goes there.
+        self._pynetdicom_only = {commitment.SOP_CLASS}
         # C-GET: the requester proposes the storage classes with itself as SCP (role
         # selection, PS3.7 D.3.3.4); accepting both roles keeps plain C-STORE working too.
+        storage = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
         for context in self.ae.supported_contexts:
-            if str(context.abstract_syntax) in self._served_here and \
-                    str(context.abstract_syntax) != str(Verification):
+            if str(context.abstract_syntax) in storage:
                 context.scu_role = True
                 context.scp_role = True
+        self.policy = receiver.Policy(
+            ae_title=dimse["ae_title"],
+            supported_contexts=[cx for cx in self.ae.supported_contexts
+                                if str(cx.abstract_syntax) not in self._pynetdicom_only],
+            allowed_callers=dimse["allowed_callers"],
+            check_called_ae=dimse["check_called_ae"],
+            max_pdu=dimse["max_pdu"],
+            network_timeout=dimse["network_timeout"],
+            maximum_associations=self.ae.maximum_associations,
+            also_called=lambda called: self.cohort_of(called) is not None,
+        )
+        self.lean_qr = qr_lean.LeanQueryRetrieve(
+            self.qr, dict(settings.peers), ae_title=dimse["ae_title"],
+            network_timeout=dimse["network_timeout"], max_pdu=dimse["max_pdu"])
 
     def _make_ae(self) -> AE:
         dimse = self.settings.dimse
@@ -217,8 +222,9 @@ class DimseNode:
 
     def _route(self, sock: socket.socket, address: tuple[str, int]) -> bool:
         """Check the called AE title (ours or a cohort's, else A-ASSOCIATE-RJ when
-        ``dimse.check_called_ae``), then serve ``sock`` with the lean receiver if it asks only
-        for storage/verification; anything else is pynetdicom's."""
+        ``dimse.check_called_ae``), then serve ``sock`` with the lean Upper Layer (storage,
+        verification, query/retrieve) unless it proposes Storage Commitment, which is
+        pynetdicom's."""
         try:
             request = receiver.peek_associate_rq(sock, self.policy.acse_timeout)
         except Exception:  # not a well-formed A-ASSOCIATE-RQ: let pynetdicom answer it
@@ -226,19 +232,16 @@ class DimseNode:
         if request is None:
             return False
         called = str(request.called_ae_title).strip()
-        if called != self.policy.ae_title:
-            if self.cohort_of(called) is not None:
-                return False  # a cohort's AE title: Q/R by pynetdicom, scoped (scope_of)
-            if self.policy.check_called_ae:
-                log.warning("association rejected: called AE title %s is neither %s nor a "
-                            "cohort's (calling %s from %s)", called, self.policy.ae_title,
-                            str(request.calling_ae_title).strip(), address[0])
-                receiver.reject_called_ae(sock)
-                return True
-        if not self.fast_storage or not receiver.storage_only(request, self._served_here):
+        if (called != self.policy.ae_title and self.cohort_of(called) is None
+                and self.policy.check_called_ae):
+            log.warning("association rejected: called AE title %s is neither %s nor a "
+                        "cohort's (calling %s from %s)", called, self.policy.ae_title,
+                        str(request.calling_ae_title).strip(), address[0])
+            receiver.reject_called_ae(sock)
+            return True
+        if not self.lean_upper_layer or not receiver.lean_serves(request, self._pynetdicom_only):
             return False
-        receiver.serve_storage_association(sock, address, self.policy,
-                                           self.ingest.storage.staging_dir(), self.store)
+        receiver.serve_association(sock, address, self.policy, self.store, self.lean_qr)
         return True
 
     def stop(self, drain_seconds: float = 30.0) -> None:
@@ -252,7 +255,7 @@ class DimseNode:
         self.commitment.stop(timeout=min(5.0, drain_seconds))
         # Connections that never completed association negotiation have nothing in flight.
         while ((any(a.is_established for a in server.active_associations)
-                or any(a.established for a in receiver.active_storage_associations()))
+                or any(a.established for a in receiver.active_associations()))
                and time.monotonic() < deadline):
             time.sleep(0.05)
         receiver.abort_all()

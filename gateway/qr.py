@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,9 @@ def conditions_from_identifier(identifier: Dataset) -> tuple[Condition, ...]:
     return tuple(conditions)
 
 
-class _Refused(Exception):
+class Refused(Exception):
+    """A request answered with a failure ``status`` and ``comment`` (its Error Comment)."""
+
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
         self.status = status
@@ -124,50 +127,59 @@ class _Refused(Exception):
 ScopeOf = Callable[[str], Any]
 
 
-def _called(event: evt.Event) -> str:
-    """The AE title the requester called (pynetdicom's acceptor title is always ours)."""
-    request = event.assoc.requestor.primitive
-    return str(request.called_ae_title).strip() if request is not None else ""
+@dataclass(frozen=True)
+class Outgoing:
+    """How one instance goes out in a C-STORE sub-operation: in ``transfer_syntax``, as the
+    stored file (``path``) or as a transcoded copy (``part10``, a whole Part 10 file); or not
+    at all (``reason``: a failed sub-operation)."""
+
+    item: retrieve.Located
+    transfer_syntax: str = ""
+    path: Path | None = None
+    part10: bytes | None = None
+    reason: str = ""
 
 
-def _scope(scope_of: ScopeOf | None, event: evt.Event) -> Any:
-    """The request's scope: None for the gateway's AE title, a cohort's members for its."""
-    if scope_of is None:
-        return None
-    try:
-        return scope_of(_called(event))
-    except CohortError as exc:
-        raise _Refused(0xA700 if exc.status >= 500 else 0xC000,
-                       f"cohort not evaluated: {exc}") from exc
+class QueryRetrieve:
+    """The Query/Retrieve service itself, whatever carries it (pynetdicom or the lean Upper
+    Layer): identifiers in, matches and instances to send out."""
 
-
-class FindSCP:
-    """Answers C-FIND requests from the index."""
-
-    def __init__(self, index: Index, ae_title: str, *, scope: ScopeOf | None = None) -> None:
+    def __init__(self, index: Index, storage: FileStorage, peers: Mapping[str, Peer],
+                 ae_title: str, *, scope: ScopeOf | None = None) -> None:
         self.index = index
+        self.storage = storage
+        self.peers = peers
         self.ae_title = ae_title
         self.scope_of = scope
 
-    def handle(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
-        """pynetdicom ``EVT_C_FIND`` handler: yields (status, identifier) pairs."""
-        model = str(event.request.AffectedSOPClassUID)
-        identifier: Dataset = event.identifier
+    def _scope(self, called: str) -> Any:
+        """The request's scope: None for the gateway's AE title, a cohort's members for its."""
+        if self.scope_of is None:
+            return None
+        try:
+            return self.scope_of(called)
+        except CohortError as exc:
+            raise Refused(0xA700 if exc.status >= 500 else 0xC000,
+                          f"cohort not evaluated: {exc}") from exc
+
+    def find(self, model: str, identifier: Dataset, *, called: str, calling: str,
+             is_cancelled: Callable[[], bool]) -> Iterator[tuple[Any, Dataset | None]]:
+        """C-FIND (C.4.1): (status, identifier) pairs, pending ones first, in pynetdicom's
+        handler convention (a status Dataset carries an Error Comment)."""
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
-        calling = event.assoc.requestor.ae_title
         if level not in MODEL_LEVELS.get(model, ()):
             shown = level or "missing"
             yield _status(0xC000, f"Query/Retrieve Level {shown} not in this model"), None
             return
         try:
             conditions = conditions_from_identifier(identifier)
-            scope = _scope(self.scope_of, event)
+            scope = self._scope(called)
             result = run(self.index, Query(level, conditions, scope=scope))
         except QueryError as exc:
             log.info("C-FIND from %s refused: %s", calling, exc)
             yield _status(0xA900 if exc.unsupported else 0xC000, str(exc)), None
             return
-        except _Refused as exc:
+        except Refused as exc:
             yield _status(exc.status, str(exc)), None
             return
         except SQLAlchemyError:
@@ -178,7 +190,7 @@ class FindSCP:
         pending = 0xFF01 if result.unsupported else 0xFF00
         log.info("C-FIND from %s level %s: %d matches", calling, level, len(result.matches))
         for match in result.matches:
-            if event.is_cancelled:
+            if is_cancelled():
                 yield 0xFE00, None
                 return
             answer = Dataset.from_json(to_dicom_json(match, keywords))
@@ -189,34 +201,27 @@ class FindSCP:
             yield pending, answer
         yield 0x0000, None
 
+    def locate(self, model: str, identifier: Dataset, *, called: str) -> list[retrieve.Located]:
+        """The instances a C-MOVE/C-GET identifier selects (C.4.2.2.1, C.4.3.2.1).
 
-class RetrieveSCP:
-    """Answers C-MOVE and C-GET: find the instances, then feed pynetdicom's C-STORE
-    sub-operations one data set at a time, each in a transfer syntax the receiver accepted."""
-
-    def __init__(self, index: Index, storage: FileStorage, peers: Mapping[str, Peer], *,
-                 scope: ScopeOf | None = None) -> None:
-        self.index = index
-        self.storage = storage
-        self.peers = peers
-        self.scope_of = scope
-
-    def _locate(self, event: evt.Event) -> list[retrieve.Located]:
-        model = str(event.request.AffectedSOPClassUID)
-        identifier: Dataset = event.identifier
+        Raises
+        ------
+        Refused
+            A900/C000 for identifiers the engine cannot match, A701 when the index is
+            unavailable, A700/C000 when a cohort cannot be evaluated.
+        """
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
         if level not in MODEL_LEVELS.get(model, ()):
-            raise _Refused(0xC000, f"Query/Retrieve Level {level or 'missing'} not in this model")
+            raise Refused(0xC000, f"Query/Retrieve Level {level or 'missing'} not in this model")
         try:
             conditions = conditions_from_identifier(identifier)
             # A patient is retrieved as its studies; the patient keys match at study level.
             found_level = "STUDY" if level == "PATIENT" else level
-            result = run(self.index, Query(found_level, conditions,
-                                           scope=_scope(self.scope_of, event)))
+            result = run(self.index, Query(found_level, conditions, scope=self._scope(called)))
         except QueryError as exc:
-            raise _Refused(0xA900 if exc.unsupported else 0xC000, str(exc)) from exc
+            raise Refused(0xA900 if exc.unsupported else 0xC000, str(exc)) from exc
         except SQLAlchemyError as exc:
-            raise _Refused(0xA701, "index unavailable; cannot count matches") from exc
+            raise Refused(0xA701, "index unavailable; cannot count matches") from exc
         key = UNIQUE_KEYS[found_level]
         uids = [m[key] for m in result.matches]
         if not uids:
@@ -227,10 +232,10 @@ class RetrieveSCP:
             return retrieve.locate(self.index, series_uid=uids)
         return retrieve.locate(self.index, sop_uid=uids)
 
-    def _dataset(self, item: retrieve.Located, accepted: dict[str, list[str]]) -> Dataset:
-        """The data set to send ``item`` as: stored syntax if accepted, else transcoded. A
-        data set without file meta (pynetdicom then counts a failed sub-operation and lists
-        its SOP Instance UID) when it cannot be sent at all."""
+    def outgoing(self, item: retrieve.Located, accepted: Mapping[str, list[str]]) -> Outgoing:
+        """How ``item`` goes to a receiver that accepted ``accepted`` (SOP class → transfer
+        syntaxes): the stored bytes when their syntax was accepted, else transcoded to one
+        that was, else a reason it cannot go."""
         syntax = retrieve.select_transfer_syntax(item.transfer_syntax_uid,
                                                  accepted.get(item.sop_class_uid, []),
                                                  has_pixels=item.is_image)
@@ -240,17 +245,62 @@ class RetrieveSCP:
                                     f"{item.transfer_syntax_uid} can be sent in for SOP class "
                                     f"{item.sop_class_uid}")
             if syntax == item.transfer_syntax_uid:
-                return _StoredFile(item, retrieve.blob_path(self.storage, item))
-            # Transcoded as for WADO (a Part 10 file), then read back: pynetdicom encodes a
-            # data set in the encoding it was read with, so it must be read in the target one.
+                return Outgoing(item, syntax, path=retrieve.blob_path(self.storage, item))
+            # Transcoded as for WADO-RS: a Part 10 file written by pydicom in the new syntax.
             part = retrieve.prepare(self.storage, item, syntax)
-            return pydicom.dcmread(io.BytesIO(b"".join(part.chunks())))
+            return Outgoing(item, syntax, part10=b"".join(part.chunks()))
         except RetrieveError as exc:
             log.warning("sub-operation for SOP Instance %s fails: %s", item.sop_uid, exc)
-            unsendable = Dataset()
-            unsendable.SOPClassUID = item.sop_class_uid
-            unsendable.SOPInstanceUID = item.sop_uid
-            return unsendable
+            return Outgoing(item, reason=str(exc))
+
+
+def _called(event: evt.Event) -> str:
+    """The AE title the requester called (pynetdicom's acceptor title is always ours)."""
+    request = event.assoc.requestor.primitive
+    return str(request.called_ae_title).strip() if request is not None else ""
+
+
+class FindSCP:
+    """Answers C-FIND requests on pynetdicom associations."""
+
+    def __init__(self, service: QueryRetrieve) -> None:
+        self.service = service
+
+    def handle(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
+        """pynetdicom ``EVT_C_FIND`` handler: yields (status, identifier) pairs."""
+        return self.service.find(str(event.request.AffectedSOPClassUID), event.identifier,
+                                 called=_called(event), calling=event.assoc.requestor.ae_title,
+                                 is_cancelled=lambda: bool(event.is_cancelled))
+
+
+class RetrieveSCP:
+    """Answers C-MOVE and C-GET on pynetdicom associations: find the instances, then feed
+    pynetdicom's C-STORE sub-operations one data set at a time, each in a transfer syntax the
+    receiver accepted."""
+
+    def __init__(self, service: QueryRetrieve) -> None:
+        self.service = service
+        self.peers = service.peers
+
+    def _locate(self, event: evt.Event) -> list[retrieve.Located]:
+        return self.service.locate(str(event.request.AffectedSOPClassUID), event.identifier,
+                                   called=_called(event))
+
+    def _dataset(self, item: retrieve.Located, accepted: dict[str, list[str]]) -> Dataset:
+        """The data set to send ``item`` as: stored syntax if accepted, else transcoded. A
+        data set without file meta (pynetdicom then counts a failed sub-operation and lists
+        its SOP Instance UID) when it cannot be sent at all."""
+        out = self.service.outgoing(item, accepted)
+        if out.path is not None:
+            return _StoredFile(item, out.path)
+        if out.part10 is not None:
+            # pynetdicom encodes a data set in the encoding it was read with, so it must be
+            # read in the target one.
+            return pydicom.dcmread(io.BytesIO(out.part10))
+        unsendable = Dataset()
+        unsendable.SOPClassUID = item.sop_class_uid
+        unsendable.SOPInstanceUID = item.sop_uid
+        return unsendable
 
     def _sub_operations(self, event: evt.Event, items: list[retrieve.Located],
                         accepted: Any) -> Iterator[tuple[int, Dataset | None]]:
@@ -272,10 +322,10 @@ class RetrieveSCP:
             return
         try:
             items = self._locate(event)
-        except _Refused as exc:
+        except Refused as exc:
             # pynetdicom wants a destination and at least one sub-operation before it sends a
             # failure status: associate for Verification only, and report why nothing is sent.
-            yield peer.host, peer.port, {"contexts": _contexts_for([])}
+            yield peer.host, peer.port, {"contexts": contexts_for([])}
             yield 1
             yield _status(exc.status, str(exc)), None
             return
@@ -287,7 +337,7 @@ class RetrieveSCP:
 
         log.info("C-MOVE from %s: %d instances to %s", calling, len(items), destination)
         yield peer.host, peer.port, {
-            "contexts": _contexts_for(items),
+            "contexts": contexts_for(items),
             "evt_handlers": [(evt.EVT_ACCEPTED, accepted_by_destination)],
         }
         yield len(items)
@@ -300,7 +350,7 @@ class RetrieveSCP:
         association, for the SOP classes the requester accepted the SCP role for."""
         try:
             items = self._locate(event)
-        except _Refused as exc:
+        except Refused as exc:
             yield 1  # pynetdicom sends a failure only after a non-zero count
             yield _status(exc.status, str(exc)), None
             return
@@ -339,7 +389,7 @@ def _send_stored_files(assoc: Any) -> None:
     assoc.send_c_store = send_c_store
 
 
-def _contexts_for(items: list[retrieve.Located]) -> list[PresentationContext]:
+def contexts_for(items: list[retrieve.Located]) -> list[PresentationContext]:
     """Contexts to propose to a Move Destination: per SOP class, one for each stored syntax
     alone (so those instances can go unchanged: an acceptor picks one syntax per context) and
     one for the native syntaxes as the fallback. At most 128 (PS3.8 9.3.2.2): past that,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
@@ -255,25 +256,38 @@ def test_mr_and_ct_contexts_coexist(gateway: GatewayProcess) -> None:
     assoc.release()
 
 
-def test_storage_only_associations_use_the_lean_receiver_and_others_pynetdicom(
-        gateway: GatewayProcess) -> None:
-    """Both paths accept the same storage contexts and store through the same write path; an
-    association that also proposes a query model goes to pynetdicom, which accepts both and
-    rejects what the gateway does not offer (Modality Worklist)."""
+@pytest.mark.parametrize("with_commitment", [False, True])
+def test_the_lean_upper_layer_serves_all_but_storage_commitment(
+        gateway: GatewayProcess, with_commitment: bool) -> None:
+    """Both paths accept the same storage and query contexts, store through the same write
+    path and reject what the gateway does not offer (Modality Worklist); an association that
+    proposes Storage Commitment goes to pynetdicom (which logs no context count), any other to
+    the lean Upper Layer."""
     study_root_find, worklist = "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.31"
-    ae = AE(ae_title="MIXED_SCU")
+    commitment = "1.2.840.10008.1.20.1"
+    title = f"MIXED_{int(with_commitment)}"
+    ae = AE(ae_title=title)
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(study_root_find)
     ae.add_requested_context(worklist)
+    if with_commitment:
+        ae.add_requested_context(commitment)
     assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
     assert assoc.is_established
     assert sorted(cx.abstract_syntax for cx in assoc.accepted_contexts) == \
-        sorted([CTImageStorage, study_root_find])
+        sorted([CTImageStorage, study_root_find] + ([commitment] if with_commitment else []))
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
     assert assoc.send_c_store(ds).Status == 0
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ds.StudyInstanceUID
+    answers = list(assoc.send_c_find(query, study_root_find))
+    assert [status.Status for status, _ in answers] == [0xFF00, 0x0000]
     assoc.release()
     assert stored_path(gateway.data, ds.SOPInstanceUID) is not None
-    assert "presentation contexts" not in gateway.log.split("MIXED_SCU")[1].split("\n")[0]
+    accepted_line = gateway.log.split(title)[1].split("\n")[0]
+    assert ("presentation contexts" in accepted_line) is not with_commitment
 
 
 def test_failure_status_carries_an_error_comment_the_sender_can_read(
@@ -348,7 +362,7 @@ def test_sender_vanishing_mid_instance_leaves_nothing_behind(
 
 def test_pynetdicom_path_stores_too_when_the_lean_receiver_is_off(make_gateway: object,
                                                                    tmp_path: Path) -> None:
-    gw = make_gateway(extra={"dimse": {"fast_storage": False}}).start()  # type: ignore[operator]
+    gw = make_gateway(extra={"dimse": {"lean_upper_layer": False}}).start()  # type: ignore[operator]
     for syntax, path in list(sample_files(tmp_path).items())[:4]:
         assert _send_raw(gw, path) == 0x0000, syntax
         sop_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID

@@ -62,13 +62,13 @@ def slow_move_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         services.ingest.store_file(synthetic_instance(
             tmp_path, PatientID="P77", StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES,
             InstanceNumber=number + 1), move=True)
-    dataset = qr.RetrieveSCP._dataset
+    outgoing = qr.QueryRetrieve.outgoing
 
-    def slow_dataset(self: qr.RetrieveSCP, *args: Any) -> Dataset:
+    def slow_outgoing(self: qr.QueryRetrieve, *args: Any) -> qr.Outgoing:
         time.sleep(0.005)
-        return dataset(self, *args)
+        return outgoing(self, *args)
 
-    monkeypatch.setattr(qr.RetrieveSCP, "_dataset", slow_dataset)
+    monkeypatch.setattr(qr.QueryRetrieve, "outgoing", slow_outgoing)
     node = DimseNode(settings, services.ingest)
     _host, port = node.start()
     _listening(destination_port)
