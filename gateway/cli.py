@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 from collections import Counter
@@ -30,7 +28,7 @@ from gateway.errors import ConfigError, StoreError
 log = logging.getLogger("gateway")
 
 
-def _setup_logging(settings: Settings) -> None:
+def setup_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=getattr(logging, settings.log["level"].upper()),
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
@@ -55,65 +53,31 @@ def _wait_for_signal() -> str:
     return received[0]
 
 
-def _dimse_worker(settings: Settings, listening: Any) -> None:
-    """A receiver process sharing the DICOM port (``dimse.workers`` > 1)."""
-    from gateway.dimse import DimseNode
-
-    _setup_logging(settings)
-    services = build_services(settings, create_schema=False)
-    node = DimseNode(settings, services.ingest, services.cohorts)
-    node.start(reuse_port=True)
-    listening.set()
-    _wait_for_signal()
-    node.stop()
-    services.close()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def serve(settings: Settings) -> int:
     """Run the DICOM listener and the HTTP server until SIGTERM/SIGINT, then drain and exit."""
     from werkzeug.serving import WSGIRequestHandler, make_server
 
+    from gateway import receiver
     from gateway.dimse import DimseNode
     from gateway.web import InFlight, create_app
+    from gateway.workers import ReceiverPool
 
     services = build_services(settings)
     leftovers = services.storage.clear_staging()
     if leftovers:
         log.info("removed %d unacknowledged partial receptions from staging", leftovers)
-    workers: list[Any] = []
-    node: DimseNode | None = None
+    node = DimseNode(settings, services.ingest, services.cohorts)
+    pool: ReceiverPool | None = None
     if settings.dimse["workers"] > 1:
-        if settings.dimse["port"] == 0:
-            port = _free_port(settings.dimse["host"])
-            settings = load_settings_with(settings, "dimse", "port", port)
-        spawn = multiprocessing.get_context("spawn")
-        ready = []
-        for number in range(settings.dimse["workers"]):
-            listening = spawn.Event()
-            worker = spawn.Process(target=_dimse_worker, args=(settings, listening),
-                                   name=f"dimse-{number}", daemon=False)
-            worker.start()
-            workers.append(worker)
-            ready.append(listening)
-        for listening, worker in zip(ready, workers, strict=True):  # ready = all listening
-            while not listening.wait(0.5):
-                if not worker.is_alive():
-                    log.error("receiver process %s exited with %s during start-up",
-                              worker.name, worker.exitcode)
-                    for other in workers:
-                        other.terminate()
-                    return 1
-        dimse_address = f"{settings.dimse['host']}:{settings.dimse['port']}"
-    else:
-        node = DimseNode(settings, services.ingest, services.cohorts)
-        host, port = node.start()
-        dimse_address = f"{host}:{port}"
+        try:
+            pool = ReceiverPool(settings, settings.dimse["workers"] - 1,
+                                local_load=lambda: len(receiver.active_associations()))
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 1
+        node.hand_off = pool.hand_off
+    host, port = node.start()
+    dimse_address = f"{host}:{port}"
     if services.publisher is not None:
         services.publisher.start()
         log.info("publishing to FHIR server %s", services.publisher.client.base_url)
@@ -126,20 +90,16 @@ def serve(settings: Settings) -> int:
     http_thread.start()
     log.info("imaging-gateway ready: DICOM %s@%s (%d receiver process(es)), HTTP %s:%s, "
              "DICOMweb %s", settings.dimse["ae_title"], dimse_address,
-             max(1, len(workers)), settings.http["host"], http.server_port,
+             settings.dimse["workers"], settings.http["host"], http.server_port,
              settings.dicomweb_url)
     signame = _wait_for_signal()
     log.info("%s received: draining", signame)
     http.shutdown()
     if not in_flight.idle.wait(30):
         log.warning("%d HTTP requests still running after 30 s; exiting", in_flight.count)
-    if node is not None:
-        node.stop()
-    for worker in workers:
-        if worker.pid is not None:
-            os.kill(worker.pid, signal.SIGTERM)
-    for worker in workers:
-        worker.join(40)
+    node.stop()
+    if pool is not None:
+        pool.stop()
     services.close()
     log.info("stopped")
     return 0
@@ -319,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"imaging-gateway: import: no such file or directory: {missing[0]}",
                   file=sys.stderr)
             return 2
-    _setup_logging(settings)
+    setup_logging(settings)
     try:
         if args.command == "serve":
             return serve(settings)

@@ -236,7 +236,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "workers": Key(
             _positive, 1,
-            "Receiver processes sharing the DICOM port (SO_REUSEPORT); 1 = in the main process.",
+            "Processes serving DICOM associations, the main one included: the main process "
+            "accepts each association and hands it to the least busy one "
+            "(`gateway/workers.py`); 1 = the main process alone.",
         ),
         "lean_upper_layer": Key(
             _boolean, True,

@@ -18,6 +18,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +68,17 @@ def configure_pynetdicom() -> None:
 class GatewayAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the socket options a fast receiver needs.
 
-    * ``SO_REUSEPORT`` so several receiver processes can share the DICOM port;
     * ``TCP_NODELAY`` on accepted sockets: C-STORE-RSP is a small message the sender waits
       for, and Nagle + delayed ACK would add ~40 ms to every instance;
     * large socket buffers for streaming multi-megabyte data sets.
     """
 
     daemon_threads = True
-    reuse_port = False
     #: Set by DimseNode: serves an accepted socket itself, or returns False to hand it over.
     route: Any = None
 
     def server_bind(self) -> None:
         assert self.socket is not None
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         super().server_bind()
 
@@ -114,6 +111,9 @@ class DimseNode:
         self.ingest = ingest
         self.cohorts = cohorts
         self.server: ThreadedAssociationServer | None = None
+        #: Set by ``serve`` with receiver processes: hands an association to the least busy
+        #: process, or returns False to serve it here.
+        self.hand_off: Callable[[socket.socket, tuple[str, int]], bool] | None = None
         configure_pynetdicom()
         # Received data sets land in the storage's staging area, so moving them into place is
         # a rename, not a copy.
@@ -188,11 +188,11 @@ class DimseNode:
         ]
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self, *, reuse_port: bool = False) -> tuple[str, int]:
+    def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound (host, port)."""
         dimse = self.settings.dimse
         server_class = type("Server", (GatewayAssociationServer,),
-                            {"reuse_port": reuse_port, "route": self._route})
+                            {"route": self._route})
         server = self.ae.make_server((dimse["host"], dimse["port"]),
                                      evt_handlers=self.handlers(), server_class=server_class)
         self.ae._servers.append(server)  # so server.shutdown() can deregister it
@@ -241,8 +241,14 @@ class DimseNode:
             return True
         if not self.lean_upper_layer or not receiver.lean_serves(request, self._pynetdicom_only):
             return False
-        receiver.serve_association(sock, address, self.policy, self.store, self.lean_qr)
+        if self.hand_off is not None and self.hand_off(sock, address):
+            return True  # served by a receiver process (gateway.workers)
+        self.serve_lean(sock, address)
         return True
+
+    def serve_lean(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Serve one association on the lean Upper Layer, in the calling thread."""
+        receiver.serve_association(sock, address, self.policy, self.store, self.lean_qr)
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting associations, let the open ones finish (up to ``drain_seconds``),

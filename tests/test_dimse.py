@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -370,13 +371,14 @@ def test_pynetdicom_path_stores_too_when_the_lean_receiver_is_off(make_gateway: 
         assert stored is not None and dataset_bytes(stored) == dataset_bytes(path)
 
 
-def test_several_receiver_processes_share_the_port(make_gateway: object,
+def test_receiver_processes_share_the_associations(make_gateway: object,
                                                    tmp_path: Path) -> None:
-    """dimse.workers = 2: two processes accept on one port (SO_REUSEPORT) and write one
-    index; parallel senders all get stored and indexed, and SIGTERM stops every process."""
+    """dimse.workers = 2: the main process hands associations to the least busy of itself and
+    its receiver process; four parallel senders are spread over both, all their instances are
+    stored and indexed in the one index, and SIGTERM stops every process."""
     require_dcmtk()
     gw = make_gateway(extra={"dimse": {"workers": 2}}).start()  # type: ignore[operator]
-    files = fresh_copies(tmp_path, 12)
+    files = fresh_copies(tmp_path, 40)
     senders = [subprocess.Popen(["storescu", "-aec", gw.ae_title, "127.0.0.1",
                                  str(gw.dimse_port), *map(str, files[n::4])], env=dcmtk_env())
                for n in range(4)]
@@ -384,9 +386,37 @@ def test_several_receiver_processes_share_the_port(make_gateway: object,
     for path in files:
         sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         assert stored_path(gw.data, sop) is not None and _index_has(gw, sop)
+    accepted_by = {line.split()[3] for line in gw.log.splitlines()
+                   if "association accepted from STORESCU" in line}
+    assert accepted_by == {"MainProcess", "dimse-1"}
+    assert gw.process is not None
+    children = psutil.Process(gw.process.pid).children(recursive=True)
+    assert children, "no receiver process was started"
     assert gw.stop() == 0
-    leftover = subprocess.run(["pgrep", "-f", str(gw.config)], capture_output=True, text=True)
-    assert leftover.stdout.strip() == "", "a receiver process outlived the gateway"
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
+        "a receiver process outlived the gateway"
+
+
+def test_a_receiver_process_does_not_outlive_a_killed_gateway(make_gateway: object) -> None:
+    """kill -9 of the main process: its receiver process notices (its control socket closes),
+    aborts what it serves and exits; nothing is left holding the index."""
+    import os
+    import signal
+
+    gw = make_gateway(extra={"dimse": {"workers": 2}}).start()  # type: ignore[operator]
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(CTImageStorage)
+    held = [ae.associate("127.0.0.1", gw.dimse_port, ae_title=gw.ae_title) for _ in range(2)]
+    assert all(assoc.is_established for assoc in held)
+    assert gw.process is not None
+    children = psutil.Process(gw.process.pid).children(recursive=True)
+    assert children, "no receiver process was started"
+    os.kill(gw.process.pid, signal.SIGKILL)
+    gw.process.wait(10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], "a receiver process outlived its gateway"
+    for assoc in held:
+        assoc.abort()
 
 
 def test_sigterm_lets_an_association_in_progress_finish(make_gateway: object,

@@ -1,0 +1,185 @@
+"""Receiver processes (``dimse.workers`` > 1): more than one core for DICOM associations.
+
+Python runs one thread at a time per process, so one process serves at most about one core's
+worth of associations. With ``dimse.workers = N`` the gateway runs N - 1 receiver processes
+beside the main one. The main process still accepts every connection and routes it
+(:meth:`gateway.dimse.DimseNode._route`); an association the lean Upper Layer serves goes to
+whichever process, the main one included, has the fewest associations open: its socket is
+passed over a UNIX socket pair (``SCM_RIGHTS``), untouched (the A-ASSOCIATE-RQ is still
+unread), and the receiving process serves it exactly as the main one would. Every process
+writes the one index (writers queue across processes, see ``gateway.index``) and the one
+storage, through the same write path.
+
+Why hand sockets over instead of letting each process accept on a shared port
+(``SO_REUSEPORT``): the kernel spreads connections by a hash of their addresses, so four
+associations from one modality could all land on the same process; the least-busy choice
+spreads them evenly.
+
+The control protocol on each socket pair (``SOCK_SEQPACKET``: one message per packet): the
+parent sends ``A`` + JSON address with the socket attached, or ``S`` to stop (finish open
+associations, then exit); the worker answers ``D`` for each association ended. A worker that
+reads end-of-file (the main process died) aborts its associations and exits, so no receiver
+outlives the gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import Settings
+
+log = logging.getLogger("gateway.workers")
+
+
+@dataclass
+class _Worker:
+    name: str
+    process: Any
+    control: socket.socket
+    open: int = 0
+    alive: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ReceiverPool:
+    """The N - 1 receiver processes of the main one, and the choice of who serves what."""
+
+    def __init__(self, settings: Settings, count: int, local_load: Any) -> None:
+        """Start ``count`` receiver processes; ``local_load()`` is the number of associations
+        the main process has open."""
+        self.local_load = local_load
+        self._lock = threading.Lock()
+        self.workers: list[_Worker] = []
+        spawn = multiprocessing.get_context("spawn")
+        for number in range(count):
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ready = spawn.Event()
+            process = spawn.Process(target=_worker_main, args=(settings, child, ready),
+                                    name=f"dimse-{number + 1}", daemon=False)
+            process.start()
+            child.close()
+            worker = _Worker(f"dimse-{number + 1}", process, parent)
+            self.workers.append(worker)
+            while not ready.wait(0.5):
+                if not process.is_alive():
+                    self.stop(0)
+                    raise RuntimeError(f"receiver process {worker.name} exited with "
+                                       f"{process.exitcode} during start-up")
+            threading.Thread(target=self._listen, args=(worker,), daemon=True,
+                             name=f"{worker.name}-control").start()
+
+    def _listen(self, worker: _Worker) -> None:
+        """Count the associations ``worker`` reports ended; notice when it dies."""
+        while True:
+            try:
+                data = worker.control.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                with self._lock:
+                    worker.alive = False
+                    worker.open = 0
+                if worker.process.exitcode not in (None, 0):
+                    log.error("receiver process %s exited with %s", worker.name,
+                              worker.process.exitcode)
+                return
+            with self._lock:
+                worker.open = max(0, worker.open - 1)
+
+    def hand_off(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Give ``sock`` to the least busy receiver process; False when the main process is
+        (or no worker can take it): it then serves the association itself."""
+        with self._lock:
+            live = [w for w in self.workers if w.alive]
+            if not live:
+                return False
+            chosen = min(live, key=lambda w: w.open)
+            if chosen.open >= self.local_load():
+                return False
+            chosen.open += 1
+        payload = b"A" + json.dumps([address[0], address[1]]).encode()
+        try:
+            with chosen.lock:
+                socket.send_fds(chosen.control, [payload], [sock.fileno()])
+        except OSError as exc:
+            log.warning("could not hand an association to %s (%s); serving it here",
+                        chosen.name, exc)
+            with self._lock:
+                chosen.open -= 1
+            return False
+        sock.close()  # the worker has its own descriptor now
+        return True
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Let every worker finish its open associations (up to ``drain_seconds``), then
+        make sure each has exited."""
+        for worker in self.workers:
+            with contextlib.suppress(OSError), worker.lock:
+                worker.control.sendall(b"S")
+        deadline = time.monotonic() + drain_seconds + 10
+        for worker in self.workers:
+            worker.process.join(max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.warning("receiver process %s still running; terminating it", worker.name)
+                worker.process.terminate()
+                worker.process.join(5)
+            worker.control.close()
+
+
+def _worker_main(settings: Settings, control: socket.socket, ready: Any) -> None:
+    """A receiver process: serve each association handed over until told to stop."""
+    from gateway import receiver
+    from gateway.bootstrap import build_services
+    from gateway.cli import setup_logging
+    from gateway.dimse import DimseNode
+
+    setup_logging(settings)
+    services = build_services(settings, create_schema=False)
+    node = DimseNode(settings, services.ingest, services.cohorts)
+    send_lock = threading.Lock()
+    threads: list[threading.Thread] = []
+
+    def serve(sock: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            node.serve_lean(sock, address)
+        finally:
+            with contextlib.suppress(OSError), send_lock:
+                control.sendall(b"D")
+
+    ready.set()
+    while True:
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(control, 4096, 1)
+        except OSError:
+            message, fds = b"", []
+        if not message:  # the main process is gone: nobody will wait for us
+            log.warning("main process gone; aborting %d open associations",
+                        len(receiver.active_associations()))
+            receiver.abort_all()
+            break
+        if message == b"S":
+            break
+        if message.startswith(b"A") and fds:
+            host, port = json.loads(message[1:])
+            sock = socket.socket(fileno=fds[0])
+            thread = threading.Thread(target=serve, args=(sock, (host, int(port))),
+                                      name=f"assoc-{host}:{port}", daemon=True)
+            thread.start()
+            threads = [t for t in threads if t.is_alive()] + [thread]
+        else:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    socket.socket(fileno=fd).close()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    receiver.abort_all()
+    services.close()
