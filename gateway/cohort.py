@@ -179,15 +179,20 @@ class Cohorts:
             conn.execute(delete(cohort).where(cohort.c.id == cohort_id))
 
     def refresh(self, cohort_id: int, *, force: bool = False) -> None:
-        """Evaluate the cohort again if its members are older than ``cache_seconds``."""
-        definition = self.definition(cohort_id)
+        """Evaluate the cohort again if its members are older than ``cache_seconds``.
+
+        Every scoped request starts here: while the members are fresh it costs one look at
+        the cohort's row."""
         with span("index"), self.index.engine.connect() as conn:
-            evaluated = conn.execute(select(cohort.c.evaluated_at).where(
-                cohort.c.id == cohort_id)).scalar()
+            row = conn.execute(select(cohort.c.evaluated_at).where(
+                cohort.c.id == cohort_id)).first()
+        if row is None:
+            raise CohortError(f"no cohort {cohort_id}", status=404)
+        evaluated = row[0]
         if not force and evaluated is not None and \
                 time.time() - float(evaluated) < self.cache_seconds:
             return
-        study_ids = self._evaluate(definition)
+        study_ids = self._evaluate(self.definition(cohort_id))
         with span("index"), self.index.write() as conn:
             conn.execute(delete(cohort_member).where(cohort_member.c.cohort_id == cohort_id))
             self._store_members(conn, cohort_id, study_ids)

@@ -239,6 +239,7 @@ def test_get_list_export_and_delete(world: dict[str, Any]) -> None:
     assert [r["StudyInstanceUID"] for r in table] == [r["StudyInstanceUID"] for r in rows]
     assert requests.delete(url, timeout=30).status_code == 204
     assert requests.get(url, timeout=30).status_code == 404
+    assert requests.get(f"{cohort['dicomweb']}/studies", timeout=30).status_code == 404
 
 
 @pytest.mark.parametrize(("fhir", "status", "message"), [
