@@ -7,8 +7,10 @@ Examples::
     python -m bench --full --targets storescp,orthanc --assocs 1
     python -m bench --quick --measures qido,wado     # query/retrieve only
     python -m bench --quick --measures scale         # the 1M-instance index (built once)
+    python -m bench --quick --measures cohort        # 1,000 FHIR patients x 100,000 studies
 
-Peers come from scripts/install_bench_deps.sh (dcmtk, Orthanc + DICOMweb plugin).
+Peers come from scripts/install_bench_deps.sh (dcmtk, Orthanc + DICOMweb plugin); the cohort
+measure's FHIR server (sekmet-fhir) from scripts/test.sh (install_sekmet).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from bench import BENCH_ROOT_DEFAULT, ingest, scale
+from bench import BENCH_ROOT_DEFAULT, cohort, ingest, scale
 from bench import targets as targets_mod
 from bench.dataset import FULL_SPEC, QUICK_SPEC, DatasetSpec, ensure_dataset, warm_page_cache
 from bench.qrrun import QR_MEASURES, QrOptions, run_qr
@@ -30,10 +32,11 @@ from bench.report import render_document, write_outputs
 from bench.sysinfo import REPO_ROOT, machine_info, tool_versions
 from bench.targets import TARGETS, Target
 
-MEASURES = ("ingest", *QR_MEASURES, "scale")
+MEASURES = ("ingest", *QR_MEASURES, "scale", "cohort")
 """Measures this harness knows, in report order."""
 QUICK_MEASURES = ("ingest", *QR_MEASURES)
-"""What --quick runs unless --measures says otherwise (scale is opt-in there)."""
+"""What --quick runs unless --measures says otherwise (scale and cohort are opt-in there:
+their indexes take minutes to build the first time)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-studies", type=int, default=scale.FULL_SCALE.studies,
                    help="studies in the scale index, 20 instances each on average "
                    f"(default {scale.FULL_SCALE.studies})")
+    p.add_argument("--cohort-studies", type=int, default=cohort.CohortSpec.studies,
+                   help="studies in the cohort measure's index (default "
+                   f"{cohort.CohortSpec.studies})")
+    p.add_argument("--cohort-members", type=int, default=cohort.CohortSpec.members,
+                   help="patients the cohort's FHIR criteria select (default "
+                   f"{cohort.CohortSpec.members})")
+    p.add_argument("--evaluations", type=int,
+                   help="cold cohort evaluations per criterion and run (3 quick, 10 full)")
     p.add_argument("--studies", type=int, help="override the preset's number of studies")
     p.add_argument("--series-per-study", type=int, help="override series per study")
     p.add_argument("--instances-per-series", type=int, help="override instances per series")
@@ -174,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             available="gateway" not in unavailable)
         raw["scale"] = scale_raw
         sections.append(scale_section)
+    if "cohort" in measures:
+        cohort_raw, cohort_section = cohort.run(
+            cohort.CohortSpec(studies=args.cohort_studies, members=args.cohort_members),
+            args.cache, runs, args.evaluations or (10 if args.full else 3),
+            args.requests or (50 if args.full else 20), available="gateway" not in unavailable)
+        raw["cohort"] = cohort_raw
+        sections.append(cohort_section)
 
     raw["wall_seconds"] = time.perf_counter() - t_start
     raw_path = str(args.json.relative_to(REPO_ROOT) if args.json.is_relative_to(REPO_ROOT)

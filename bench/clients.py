@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import http.client
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.targets import HOST
 
@@ -23,6 +23,8 @@ class Reply:
     body: bytes
     length: int
     seconds: float
+    headers: dict[str, str] = field(default_factory=dict)
+    """every response header, names in lower case"""
 
 
 class HttpClient:
@@ -40,11 +42,17 @@ class HttpClient:
 
     def get(self, path: str, accept: str | None = None, *, keep_body: bool = True) -> Reply:
         """GET ``path``; the body is kept (``keep_body``) or only counted."""
-        headers = {"Accept": accept} if accept else {}
+        return self.request("GET", path, headers={"Accept": accept} if accept else {},
+                            keep_body=keep_body)
+
+    def request(self, method: str, path: str, *, body: bytes | None = None,
+                headers: dict[str, str] | None = None, keep_body: bool = True) -> Reply:
+        """``method`` ``path`` with ``body``; the answer's body is kept or only counted."""
+        headers = headers or {}
         for attempt in (1, 2):
             t0 = time.perf_counter()
             try:
-                self.conn.request("GET", path, headers=headers)
+                self.conn.request(method, path, body=body, headers=headers)
                 resp = self.conn.getresponse()
                 if keep_body:
                     body = resp.read()
@@ -61,7 +69,8 @@ class HttpClient:
             if resp.will_close:
                 self.conn.close()
                 self.conn = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
-            return Reply(resp.status, resp.getheader("Content-Type", ""), body, length, seconds)
+            return Reply(resp.status, resp.getheader("Content-Type", ""), body, length, seconds,
+                         {k.lower(): v for k, v in resp.getheaders()})
         raise AssertionError("unreachable")
 
     def _drain(self, resp: http.client.HTTPResponse) -> int:

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from functools import lru_cache
@@ -383,26 +383,35 @@ def _load(spec: DatasetSpec, root: Path) -> GeneratedDataset:
     )
 
 
-def ensure_dataset(spec: DatasetSpec, cache: Path | None = None) -> GeneratedDataset:
-    """Return the dataset for ``spec``, generating it first unless a complete copy is cached.
+def build_once(root: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of the cached build at ``root``, building it first if it is missing.
 
-    Generation writes into a temporary sibling directory and renames it into place, so an
-    interrupted run never leaves a half-written dataset that looks complete.
+    ``build`` fills a temporary sibling directory and returns the manifest, which is written
+    last; the directory is then renamed into place, so an interrupted build never leaves a
+    half-written one that looks complete.
     """
-    cache = cache or Path(BENCH_ROOT_DEFAULT)
-    root = cache / f"dataset-{spec.key()}"
-    if not (root / "manifest.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".dataset-{spec.key()}-", dir=cache))
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
         try:
-            studies = _generate_into(spec, tmp)
-            (tmp / "manifest.json").write_text(json.dumps(_manifest(spec, tmp, studies)))
+            (tmp / "manifest.json").write_text(json.dumps(build(tmp)))
             if root.exists():
                 shutil.rmtree(root)
             os.rename(tmp, root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    return manifest
+
+
+def ensure_dataset(spec: DatasetSpec, cache: Path | None = None) -> GeneratedDataset:
+    """Return the dataset for ``spec``, generating it first unless a complete copy is cached
+    (:func:`build_once`)."""
+    cache = cache or Path(BENCH_ROOT_DEFAULT)
+    root = cache / f"dataset-{spec.key()}"
+    build_once(root, lambda tmp: _manifest(spec, tmp, _generate_into(spec, tmp)))
     return _load(spec, root)
 
 

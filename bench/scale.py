@@ -28,12 +28,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
-import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
@@ -43,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench.archive import LoadedTarget
+from bench.dataset import build_once
 from bench.qido import QueryCase, run_case
 from bench.qrstats import Goal, LatencyRun, failures, latency_table, summarize_latency
 from bench.report import md_table
@@ -285,22 +283,13 @@ def _range(lo: date, hi: date, ct_days: list[int]) -> tuple[str, int]:
 def ensure_index(spec: ScaleSpec, cache: Path) -> tuple[Path, dict[str, Any]]:
     """The cached index for ``spec`` (building it first if needed) and its manifest."""
     root = cache / f"scale-{cache_key(spec)}"
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path) -> dict[str, Any]:
         print(f"scale: building a {spec.instances}-instance index (once; cached in {root})",
               file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".scale-", dir=cache))
-        try:
-            manifest = _build(spec, tmp / "index.sqlite")
-            (tmp / "manifest.json").write_text(json.dumps(manifest))
-            if root.exists():
-                shutil.rmtree(root)
-            os.rename(tmp, root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return root / "index.sqlite", json.loads(manifest_path.read_text())
+        return _build(spec, tmp / "index.sqlite")
+
+    return root / "index.sqlite", build_once(root, build)
 
 
 def cases(manifest: dict[str, Any]) -> list[QueryCase]:

@@ -71,6 +71,13 @@ def _orthanc_version() -> str:
     return out.splitlines()[0] if out else "not installed"
 
 
+def _sekmet_version() -> str:
+    """Version of the cohort measure's FHIR server, as ``sekmet --version`` reports it."""
+    out = _run([str(REPO_ROOT / ".infra/sekmet-venv/bin/sekmet"), "--version"])
+    m = re.search(r"\d+\.\d+\.\d+", out)
+    return m.group(0) if m else "not installed"
+
+
 def _git_commit() -> str:
     """Short HEAD commit of the repository (read-only), or "none"."""
     out = _run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
@@ -106,6 +113,7 @@ def tool_versions() -> dict[str, str]:
         "dcmtk": _dcmtk_version(),
         "Orthanc": _orthanc_version(),
         "orthanc-dicomweb": _dpkg_version("orthanc-dicomweb"),
+        "sekmet-fhir": _sekmet_version(),
         "python": platform.python_version(),
         "pynetdicom": _pkg_version("pynetdicom"),
         "pydicom": _pkg_version("pydicom"),

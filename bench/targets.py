@@ -346,6 +346,14 @@ class GatewayTarget(Target):
     def command(self, ep: Endpoint) -> list[str]:
         return [str(GATEWAY_BIN), "serve", "--config", str(ep.workdir / "gateway.toml")]
 
+    def is_ready(self, ep: Endpoint) -> bool:
+        # Both listeners: the DICOM one starts first, HTTP a moment later (gateway/cli.py).
+        try:
+            http_json(f"http://{HOST}:{ep.http_port}/healthz")
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return echo_ok(ep.aet, ep.dimse_port)
+
     def verification(self) -> str:
         return "exit codes + Part-10 files under [storage] path"
 

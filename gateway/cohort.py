@@ -22,6 +22,11 @@ The members (study rows) are stored in ``cohort_member`` and reused for
 that answers for a cohort (QIDO-RS and WADO-RS under ``/cohorts/{id}/dicomweb``, C-FIND /
 C-MOVE / C-GET addressed to its AE title, the exports) uses :meth:`Cohorts.scope`, an SQL
 condition on ``study.id``: nothing outside the cohort is visible there.
+
+Where an evaluation's time goes is collected for the ``Server-Timing`` header of the cohort
+API (:mod:`gateway.timing`): ``fhir`` is the time spent waiting for the FHIR server (in
+:class:`~gateway.fhir_client.FhirClient`), ``index`` the index work below (the publish-record
+and identity look-ups, the imaging query, storing and counting the members).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from gateway.errors import FhirError, FhirPermanentError, FhirTransientError, Ga
 from gateway.fhir_client import FhirClient
 from gateway.index import Index, cohort, cohort_member, patient, publication, study
 from gateway.query import Query, QueryError, conditions_from_pairs, run
+from gateway.timing import span
 
 _RESOURCE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 #: Search parameters that shape the answer rather than select patients.
@@ -147,7 +153,7 @@ class Cohorts:
         """Save a cohort after evaluating it once (so a bad one is refused at once)."""
         check_definition(definition)
         study_ids = self._evaluate(definition)
-        with self.index.write() as conn:
+        with span("index"), self.index.write() as conn:
             cohort_id = int(conn.execute(insert(cohort).values(
                 name=definition.name, fhir_query=definition.fhir_query,
                 imaging=[list(p) for p in definition.imaging], created_at=time.time(),
@@ -156,33 +162,38 @@ class Cohorts:
         return cohort_id
 
     def definition(self, cohort_id: int) -> Definition:
-        with self.index.engine.connect() as conn:
+        with span("index"), self.index.engine.connect() as conn:
             row = conn.execute(select(cohort).where(cohort.c.id == cohort_id)).first()
         if row is None:
             raise CohortError(f"no cohort {cohort_id}", status=404)
         return Definition(row.name, row.fhir_query, tuple((k, v) for k, v in row.imaging))
 
     def ids(self) -> list[int]:
-        with self.index.engine.connect() as conn:
+        with span("index"), self.index.engine.connect() as conn:
             return [int(r[0]) for r in conn.execute(select(cohort.c.id).order_by(cohort.c.id))]
 
     def delete(self, cohort_id: int) -> None:
         self.definition(cohort_id)
-        with self.index.write() as conn:
+        with span("index"), self.index.write() as conn:
             conn.execute(delete(cohort_member).where(cohort_member.c.cohort_id == cohort_id))
             conn.execute(delete(cohort).where(cohort.c.id == cohort_id))
 
     def refresh(self, cohort_id: int, *, force: bool = False) -> None:
-        """Evaluate the cohort again if its members are older than ``cache_seconds``."""
-        definition = self.definition(cohort_id)
-        with self.index.engine.connect() as conn:
-            evaluated = conn.execute(select(cohort.c.evaluated_at).where(
-                cohort.c.id == cohort_id)).scalar()
+        """Evaluate the cohort again if its members are older than ``cache_seconds``.
+
+        Every scoped request starts here: while the members are fresh it costs one look at
+        the cohort's row."""
+        with span("index"), self.index.engine.connect() as conn:
+            row = conn.execute(select(cohort.c.evaluated_at).where(
+                cohort.c.id == cohort_id)).first()
+        if row is None:
+            raise CohortError(f"no cohort {cohort_id}", status=404)
+        evaluated = row[0]
         if not force and evaluated is not None and \
                 time.time() - float(evaluated) < self.cache_seconds:
             return
-        study_ids = self._evaluate(definition)
-        with self.index.write() as conn:
+        study_ids = self._evaluate(self.definition(cohort_id))
+        with span("index"), self.index.write() as conn:
             conn.execute(delete(cohort_member).where(cohort_member.c.cohort_id == cohort_id))
             self._store_members(conn, cohort_id, study_ids)
             conn.execute(update(cohort).where(cohort.c.id == cohort_id).values(
@@ -209,7 +220,7 @@ class Cohorts:
 
     def members(self, cohort_id: int) -> Members:
         scope = self.scope(cohort_id)
-        with self.index.engine.connect() as conn:
+        with span("index"), self.index.engine.connect() as conn:
             row = conn.execute(select(
                 func.count(func.distinct(study.c.patient_id)), func.count(study.c.id),
                 func.coalesce(func.sum(study.c.NumberOfStudyRelatedSeries), 0),
@@ -252,14 +263,15 @@ class Cohorts:
             return frozenset()
         query = Query("STUDY", imaging_conditions(definition.imaging),
                       scope=study.c.id.in_(sorted(candidates)))
-        try:
-            result = run(self.index, query)
-        except QueryError as exc:
-            raise CohortError(f"imaging: {exc}", status=400) from exc
-        uids = [m["StudyInstanceUID"] for m in result.matches]
-        with self.index.engine.connect() as conn:
-            return frozenset(int(r[0]) for r in conn.execute(
-                select(study.c.id).where(study.c.StudyInstanceUID.in_(uids))))
+        with span("index"):
+            try:
+                result = run(self.index, query)
+            except QueryError as exc:
+                raise CohortError(f"imaging: {exc}", status=400) from exc
+            uids = [m["StudyInstanceUID"] for m in result.matches]
+            with self.index.engine.connect() as conn:
+                return frozenset(int(r[0]) for r in conn.execute(
+                    select(study.c.id).where(study.c.StudyInstanceUID.in_(uids))))
 
     def _fhir_patients(self, definition: Definition
                        ) -> tuple[set[str], list[dict[str, Any]]]:
@@ -331,7 +343,7 @@ class Cohorts:
         found: set[int] = set()
         keys = patient_keys([i for p in patients for i in p.get("identifier") or []],
                             self.options.patient_systems)
-        with self.index.engine.connect() as conn:
+        with span("index"), self.index.engine.connect() as conn:
             refs = sorted(references)
             for start in range(0, len(refs), 500):
                 found.update(int(r[0]) for r in conn.execute(

@@ -7,6 +7,11 @@ studies, series, instances), the DICOMweb base URL scoped to it and the AE title
 ``GET /api/cohorts/{id}/export?format=json|csv``: per study its UIDs, DICOMweb URL and FHIR
 ImagingStudy and Patient references. Errors are JSON with the reason and, when the FHIR server
 refused the search, its OperationOutcome.
+
+Every answer carries ``Server-Timing`` (:mod:`gateway.timing`): ``fhir`` (time waiting for
+the FHIR server, and how many requests), ``index`` (index work) and ``total`` (the request
+in the gateway), in milliseconds; ``total − fhir`` is the gateway's own time. ``fhir`` is
+absent when the answer needed no FHIR request (members reused from the cache).
 """
 
 from __future__ import annotations
@@ -16,11 +21,32 @@ import io
 import json
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from gateway import timing
 from gateway.cohort import CohortError, Definition, ae_title_of, parse_definition
 
 bp = Blueprint("cohorts", __name__)
+
+
+@bp.before_request
+def _start_timing() -> None:
+    g.cohort_timing = timing.start()
+
+
+@bp.after_request
+def _server_timing(response: Response) -> Response:
+    collected = timing.current()
+    if collected is not None:
+        response.headers["Server-Timing"] = collected.header()
+    return response
+
+
+@bp.teardown_request
+def _stop_timing(_exc: BaseException | None) -> None:
+    token = g.pop("cohort_timing", None)
+    if token is not None:
+        timing.stop(token)
 
 
 def _services() -> Any:

@@ -33,6 +33,7 @@ from gateway.fhir_http import FHIR_JSON, http_error, json_object, origin, send, 
 from gateway.fhir_http import parse_retry_after as parse_retry_after
 from gateway.oauth_client import AuthMethod, ClientCredentials
 from gateway.oauth_client import token_url_from_capabilities as token_url_from_capabilities
+from gateway.timing import span
 
 __all__ = ["ClientCredentials", "FhirClient", "Params", "WriteResult", "parse_retry_after",
            "token_url_from_capabilities"]
@@ -396,11 +397,15 @@ class FhirClient:
             all_headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
 
         def attempt() -> tuple[requests.Response, str | None]:
-            token = self.auth.token() if self.auth is not None else None
-            if token is not None:
-                all_headers["Authorization"] = f"Bearer {token}"
-            response = send(self._session, method, url, timeout=self.timeout,
-                            verify=self._verify, params=params, data=data, headers=all_headers)
+            # Time spent waiting for the servers (token endpoint included, when a token is
+            # fetched): the "fhir" part of a request's Server-Timing (gateway.timing).
+            with span("fhir"):
+                token = self.auth.token() if self.auth is not None else None
+                if token is not None:
+                    all_headers["Authorization"] = f"Bearer {token}"
+                response = send(self._session, method, url, timeout=self.timeout,
+                                verify=self._verify, params=params, data=data,
+                                headers=all_headers)
             log.debug("%s %s -> %s", method, where(url), response.status_code)
             return response, token
 

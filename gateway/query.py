@@ -48,6 +48,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    case,
     exists,
     func,
     literal,
@@ -136,6 +137,10 @@ _LIST_MATCHED = {"ModalitiesInStudy": series.c.Modality,
 #: Keys of the query itself, or answered by the entry point: never matched, never unsupported.
 _RETURN_ONLY = {"SpecificCharacterSet", "QueryRetrieveLevel", "RetrieveURL", "RetrieveAETitle"}
 _NUMERIC_VRS = {"IS", "US", "UL", "SL", "SS", "DS", "FL", "FD"}
+#: Keys the index looks up through an index of their own, a handful of rows for an exact value
+#: (unique UIDs, the patient key, the accession number): see :func:`_scoped`.
+_IDENTIFYING = frozenset({"PatientID", "StudyInstanceUID", "AccessionNumber",
+                          "SeriesInstanceUID", "SOPInstanceUID"})
 _RANGE_VRS = {"DA", "TM", "DT"}
 
 
@@ -534,9 +539,35 @@ def compile_query(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[Cond
         if clause is not None:
             stmt = stmt.where(clause)
     if query.scope is not None:
-        stmt = stmt.where(query.scope)
+        stmt = stmt.where(_scoped(query, sqlite))
     stmt = stmt.order_by(_ORDER[query.level])
     return stmt, python_side
+
+
+def _identifies(condition: Condition) -> bool:
+    """Whether the condition is an exact match on one of the :data:`_IDENTIFYING` keys."""
+    values = [v for v in condition.values if v]
+    return condition.keyword in _IDENTIFYING and bool(values) and \
+        not any(_has_wildcard(v) for v in values)
+
+
+def _scoped(query: Query, sqlite: bool) -> Any:
+    """The query's scope as a where-clause, in the shape the database plans well.
+
+    A cohort's scope is ``study.id IN (its members)``. Without statistics (the gateway never
+    runs ``ANALYZE``) SQLite guesses such a list at 25 rows, fewer than a patient's studies,
+    so it drives even a ``PatientID`` query from the members, reading every one of them (the
+    bench's cohort measure, 873 members in a 100,000-study index: 3.4 ms per scoped QIDO-RS
+    request against 1.6 unscoped; 2.1 in this shape). When an identifying key is matched
+    exactly, the scope is put in a ``CASE`` instead, which SQLite cannot use to drive the
+    search: the key's own index finds the few candidates and the scope (its list built once
+    per query) only filters them. Without such a key the members stay the driver: they are
+    then the most selective thing in the query.
+    PostgreSQL keeps statistics and plans either shape well; it gets the plain clause.
+    """
+    if sqlite and any(_identifies(c) for c in query.conditions):
+        return case((query.scope, 1), else_=0) == 1
+    return query.scope
 
 
 def run(index: Index, query: Query, conn: Connection | None = None) -> Result:

@@ -30,7 +30,7 @@ def test_fhir_maps_never_imports_gateway_or_io_libraries() -> None:
 def test_adapters_do_not_import_entry_points() -> None:
     entry_points = {"gateway.dimse", "gateway.dicomweb", "gateway.web", "gateway.cli"}
     for module in ("storage", "index", "records", "ingest", "config", "errors", "credentials",
-                   "fhir_client", "fhir_http", "oauth_client"):
+                   "fhir_client", "fhir_http", "oauth_client", "timing"):
         names = imports_of(ROOT / "gateway" / f"{module}.py")
         assert not names & entry_points, f"gateway.{module} imports {names & entry_points}"
 

@@ -1,8 +1,9 @@
 """Smoke run of the benchmark harness (bench/): it starts the gateway and dcmtk storescp,
 pushes a tiny generated study into each with storescu, verifies every instance arrived, runs
 the query/retrieve measures against the gateway loaded with that study and the scale measure
-on a tiny generated index, and writes the report. No timing is asserted: only that the harness
-works end to end."""
+on a tiny generated index, and writes the report; then the cohort measure on a tiny world
+against the real FHIR server (sekmet-fhir). No timing is asserted: only that the harness works
+end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, require_dcmtk
+from fhir_servers import SEKMET_BIN
 
 
 def _section(report: str, title: str) -> str:
@@ -50,3 +54,34 @@ def test_quick_benchmark_runs_every_measure_against_the_gateway(tmp_path: Path) 
     data = json.loads(raw.read_text())
     assert {"ingest", "qido", "cfind", "wado", "cmove", "cget", "scale"} <= set(data)
     assert data["scale"]["manifest"]["counts"]["instances"] == 400
+
+
+def test_the_cohort_measure_runs_against_the_real_fhir_server(tmp_path: Path) -> None:
+    """A tiny world (300 studies, 20 cohort members) seeded into sekmet-fhir, both criteria
+    evaluated with their Server-Timing split, scoped and unscoped QIDO-RS checked."""
+    if not SEKMET_BIN.is_file():  # the same install bench.cohort uses
+        pytest.fail(f"sekmet-fhir is not installed at {SEKMET_BIN}: run scripts/test.sh")
+    out, raw = tmp_path / "benchmarks.md", tmp_path / "latest.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--targets", "gateway",
+         "--measures", "cohort", "--runs", "1", "--studies", "1", "--series-per-study", "1",
+         "--instances-per-series", "2", "--requests", "3", "--evaluations", "1",
+         "--cohort-studies", "300", "--cohort-members", "20",
+         "--cache", str(tmp_path / "cache"), "--out", str(out), "--json", str(raw)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    section = _section(out.read_text(), "Cohort queries at scale")
+    evaluations = [line for line in section.splitlines()
+                   if line.startswith(("| `Patient?", "| `Condition?", "| cached"))]
+    assert len(evaluations) == 3 and all(r.endswith("| 1/1 |") for r in evaluations), section
+    qido = [line for line in section.splitlines()
+            if line.startswith(("| patient |", "| modality_ct |", "| date_"))]
+    assert len(qido) == 4 and all("**failed**" not in r for r in qido), section
+    data = json.loads(raw.read_text())["cohort"]
+    assert data["manifest"]["members"] == 20
+    assert data["manifest"]["fhir_resources"]["Patient"] == data["manifest"]["index_patients"]
+    for run in data["evaluations"]:
+        assert run["status"] == "ok", run
+        for evaluation in run["evaluations"]:
+            assert evaluation["total_ms"] >= evaluation["fhir_ms"] >= 0
+            assert (evaluation["fhir_requests"] > 0) == (run["case"] != "cached")

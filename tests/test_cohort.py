@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sqlite3
 import subprocess
 import uuid
@@ -136,6 +137,40 @@ def test_clinical_by_imaging_cohort_equals_the_brute_force_join(world: dict[str,
     assert cohort["counts"]["patients"] == len({k.split("|")[0] for k in expected})
 
 
+def server_timing(response: requests.Response) -> dict[str, tuple[float, str]]:
+    """The Server-Timing metrics of an answer: name → (milliseconds, description)."""
+    metrics = {}
+    for part in response.headers["Server-Timing"].split(","):
+        name, *params = part.strip().split(";")
+        values = dict(p.split("=", 1) for p in params)
+        metrics[name] = (float(values["dur"]), values.get("desc", "").strip('"'))
+    return metrics
+
+
+def test_cohort_answers_say_where_their_time_went(world: dict[str, Any]) -> None:
+    """Server-Timing: the FHIR server's share (and how many requests), the index's, the
+    whole request; total − fhir is the gateway's own time."""
+    gateway: GatewayProcess = world["gateway"]
+    response = create(gateway, f"Patient?birthdate=le1980-01-01&_has:Condition:subject:code="
+                               f"{OSTEOSARCOMA}", {"ModalitiesInStudy": "CT"})
+    assert response.status_code == 201, response.text
+    metrics = server_timing(response)
+    assert list(metrics) == ["fhir", "index", "total"]
+    (fhir, desc), (index, _), (total, _) = metrics["fhir"], metrics["index"], metrics["total"]
+    # at least the _summary=count check and the one page of patients (the world's
+    # cache_seconds = 0 makes the counts in the answer evaluate it a second time)
+    assert re.fullmatch(r"FHIR server \((\d+) requests\)", desc) and \
+        int(desc.split("(")[1].split()[0]) >= 2, desc
+    assert 0 < fhir < total and 0 < index < total and fhir + index <= total
+    url = f"{gateway.base_url}/api/cohorts/{response.json()['id']}"
+    read = requests.get(url, timeout=60)  # the world's cache_seconds is 0: evaluated again
+    assert server_timing(read)["fhir"][0] > 0
+    gone = requests.delete(url, timeout=30)
+    assert gone.status_code == 204 and list(server_timing(gone)) == ["index", "total"]
+    failed = create(gateway, "Patient?no-such-parameter=1")
+    assert failed.status_code == 400 and "fhir" in server_timing(failed)
+
+
 def test_subjects_of_another_resource_type(world: dict[str, Any]) -> None:
     gateway: GatewayProcess = world["gateway"]
     response = create(gateway, f"Condition?code={OSTEOSARCOMA}&clinical-status=active")
@@ -204,6 +239,7 @@ def test_get_list_export_and_delete(world: dict[str, Any]) -> None:
     assert [r["StudyInstanceUID"] for r in table] == [r["StudyInstanceUID"] for r in rows]
     assert requests.delete(url, timeout=30).status_code == 204
     assert requests.get(url, timeout=30).status_code == 404
+    assert requests.get(f"{cohort['dicomweb']}/studies", timeout=30).status_code == 404
 
 
 @pytest.mark.parametrize(("fhir", "status", "message"), [

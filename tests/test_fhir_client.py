@@ -363,3 +363,20 @@ patient_system = "urn:oid:1.2.3.4"
 
 def test_no_base_url_means_no_client() -> None:
     assert FhirClient.from_settings(load_settings(environ={}).fhir) is None
+
+
+def test_each_exchange_counts_as_fhir_time_of_the_request_collecting_it(
+        sekmet_fhir: FhirClient) -> None:
+    """gateway.timing: what a request spent waiting for the FHIR server (Server-Timing)."""
+    from gateway import timing
+
+    token = timing.start()
+    try:
+        sekmet_fhir.search("Patient", {"_id": "does-not-exist"})
+        with pytest.raises(FhirPermanentError):
+            sekmet_fhir.search("Patient", {"no-such-parameter": "1"})
+        collected = timing.current()
+        assert collected is not None and collected.counts == {"fhir": 2}
+        assert collected.seconds["fhir"] > 0
+    finally:
+        timing.stop(token)

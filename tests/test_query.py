@@ -12,10 +12,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from postgres import new_database
+from sqlalchemy import select
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from gateway.bootstrap import Services, build_services
 from gateway.config import load_settings
-from gateway.query import Condition, Query, QueryError, conditions_from_pairs, run
+from gateway.index import study
+from gateway.query import (
+    Condition,
+    Query,
+    QueryError,
+    compile_query,
+    conditions_from_pairs,
+    run,
+)
 
 from samples import ARCHIVE, S1, S2, S3, SE_A, SE_B, SE_C, synthetic_instance
 
@@ -170,6 +180,41 @@ def test_study_answers_carry_the_maintained_study_attributes(services: Services)
     assert s1["ModalitiesInStudy"] == "CT\\SR"
     assert (s1["NumberOfStudyRelatedSeries"], s1["NumberOfStudyRelatedInstances"]) == (2, 3)
     assert s1["PatientName"] == "DOE^JOHN"
+
+
+def test_a_scope_narrows_every_query_and_filters_what_an_identifying_key_finds(
+        services: Services) -> None:
+    """A cohort's scope (``study.id IN (members)``): the same answers whatever shape it takes;
+    on SQLite, with an exact PatientID or UID, that key's index drives the search and the
+    members only filter (without statistics SQLite would otherwise read every member)."""
+    members = study.c.id.in_(select(study.c.id).where(study.c.StudyInstanceUID.in_([S1, S3])))
+    queries = {
+        (("PatientID", ("P1",)),): [S1],
+        (("PatientID", ("P2",)),): [],
+        (("StudyInstanceUID", (S1, S2)),): [S1],
+        (("PatientID", ("P*",)),): [S1, S3],
+        (): [S1, S3],
+    }
+    for pairs, expected in queries.items():
+        query = Query("STUDY", conditions_from_pairs(pairs), scope=members)
+        assert sorted(m["StudyInstanceUID"] for m in run(services.index, query).matches) \
+            == expected, pairs
+    if not services.index.is_sqlite:
+        return
+
+    def plan(*pairs: tuple[str, tuple[str, ...]]) -> list[str]:
+        stmt, _ = compile_query(Query("STUDY", conditions_from_pairs(pairs), scope=members),
+                                sqlite=True)
+        sql = str(stmt.compile(dialect=sqlite_dialect.dialect(),
+                               compile_kwargs={"literal_binds": True}))
+        with services.index.engine.connect() as conn:
+            return [row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+
+    assert plan(("PatientID", ("P1",)))[0].startswith("SEARCH patient USING INDEX")
+    assert "USING INDEX sqlite_autoindex_study_1" in plan(("StudyInstanceUID", (S1,)))[0]
+    # no identifying key: the members are the most selective thing, and drive
+    assert plan(("PatientName", ("DOE*",)))[0] == "SEARCH study USING INTEGER PRIMARY KEY " \
+        "(rowid=?)"
 
 
 @given(st.text(alphabet="ab%_[]*?\\^ ", max_size=8))
