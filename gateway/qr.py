@@ -166,6 +166,15 @@ class QueryRetrieve:
              is_cancelled: Callable[[], bool]) -> Iterator[tuple[Any, Dataset | None]]:
         """C-FIND (C.4.1): (status, identifier) pairs, pending ones first, in pynetdicom's
         handler convention (a status Dataset carries an Error Comment)."""
+        for status, answer in self.find_json(model, identifier, called=called, calling=calling,
+                                             is_cancelled=is_cancelled):
+            yield status, (answer_dataset(answer) if answer is not None else None)
+
+    def find_json(self, model: str, identifier: Dataset, *, called: str, calling: str,
+                  is_cancelled: Callable[[], bool]
+                  ) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+        """:meth:`find` with each answer as DICOM JSON (PS3.18 Annex F): exactly the
+        requested keys (C.4.1.1.3.2) plus Query/Retrieve Level and Retrieve AE Title."""
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
         if level not in MODEL_LEVELS.get(model, ()):
             shown = level or "missing"
@@ -193,11 +202,9 @@ class QueryRetrieve:
             if is_cancelled():
                 yield 0xFE00, None
                 return
-            answer = Dataset.from_json(to_dicom_json(match, keywords))
-            answer.QueryRetrieveLevel = level
-            answer.RetrieveAETitle = self.ae_title
-            if _needs_utf8(answer):
-                answer.SpecificCharacterSet = "ISO_IR 192"
+            answer = to_dicom_json(match, keywords)
+            answer[_LEVEL_TAG] = {"vr": "CS", "Value": [level]}
+            answer[_RETRIEVE_AE_TAG] = {"vr": "AE", "Value": [self.ae_title]}
             yield pending, answer
         yield 0x0000, None
 
@@ -416,6 +423,17 @@ def _accepted(contexts: list[PresentationContext], *, role: str) -> dict[str, li
         found.setdefault(str(context.abstract_syntax), []).extend(
             str(ts) for ts in context.transfer_syntax)
     return found
+
+
+_LEVEL_TAG, _RETRIEVE_AE_TAG = "00080052", "00080054"
+
+
+def answer_dataset(answer: dict[str, Any]) -> Dataset:
+    """A C-FIND answer (DICOM JSON) as a pydicom data set, declaring UTF-8 where needed."""
+    ds = Dataset.from_json(answer)
+    if _needs_utf8(ds):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
 
 
 def _needs_utf8(ds: Dataset) -> bool:

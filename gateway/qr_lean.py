@@ -27,9 +27,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from gateway import upper_layer
+from gateway import dicom_binary, upper_layer
 from gateway.config import Peer
-from gateway.qr import Outgoing, QueryRetrieve, Refused, contexts_for
+from gateway.qr import Outgoing, QueryRetrieve, Refused, answer_dataset, contexts_for
 from gateway.receiver import Association
 from gateway.upper_layer import (
     AFFECTED_SOP_CLASS,
@@ -164,13 +164,17 @@ class LeanQueryRetrieve:
              identifier: Dataset) -> None:
         message_id = message.us(MESSAGE_ID)
         transfer_syntax = assoc.transfer_syntax(message.context_id)
-        answers = self.service.find(model, identifier, called=assoc.called_ae,
-                                    calling=assoc.calling_ae,
-                                    is_cancelled=lambda: assoc.cancel_requested(message_id))
+        answers = self.service.find_json(
+            model, identifier, called=assoc.called_ae, calling=assoc.calling_ae,
+            is_cancelled=lambda: assoc.cancel_requested(message_id))
+        implicit = transfer_syntax == upper_layer.IMPLICIT_LE
         for status_value, answer in answers:
             status, comment = _status_of(status_value)
-            data = (upper_layer.encode_data_set(answer, transfer_syntax)
-                    if answer is not None else None)
+            data = None
+            if answer is not None:
+                data = dicom_binary.encode_json(answer, implicit=implicit)
+                if data is None:  # something the direct encoder leaves to pydicom
+                    data = upper_layer.encode_data_set(answer_dataset(answer), transfer_syntax)
             assoc.respond(message, C_FIND_RSP, status, sop_class=model, comment=comment,
                           data_set=data)
 

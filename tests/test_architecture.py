@@ -30,7 +30,8 @@ def test_fhir_maps_never_imports_gateway_or_io_libraries() -> None:
 def test_adapters_do_not_import_entry_points() -> None:
     entry_points = {"gateway.dimse", "gateway.dicomweb", "gateway.web", "gateway.cli"}
     for module in ("storage", "index", "records", "ingest", "config", "errors", "credentials",
-                   "fhir_client", "fhir_http", "oauth_client", "timing"):
+                   "fhir_client", "fhir_http", "oauth_client", "timing", "upper_layer",
+                   "dicom_binary"):
         names = imports_of(ROOT / "gateway" / f"{module}.py")
         assert not names & entry_points, f"gateway.{module} imports {names & entry_points}"
 
@@ -53,3 +54,15 @@ def test_the_readers_views_are_services_not_http() -> None:
         assert not {n.split(".")[0] for n in names} & {"flask", "werkzeug"}, f"gateway.{module}"
         assert not names & {"gateway.api", "gateway.web", "gateway.cli", "gateway.bootstrap"}, \
             f"gateway.{module} imports an entry point"
+
+
+def test_the_lean_upper_layer_borrows_only_pynetdicoms_encoders() -> None:
+    """The lean Upper Layer (receiver, upper_layer, qr_lean, dicom_binary) reuses pynetdicom's
+    PDU codecs, negotiation and data set codec, never its association state machine, DUL or
+    DIMSE providers: those are what it replaces."""
+    allowed = {"pynetdicom.pdu", "pynetdicom.pdu_primitives", "pynetdicom.presentation",
+               "pynetdicom.dsutils"}
+    for module in ("receiver", "upper_layer", "qr_lean", "dicom_binary"):
+        names = {n for n in imports_of(ROOT / "gateway" / f"{module}.py")
+                 if n.split(".")[0] == "pynetdicom"}
+        assert names <= allowed, f"gateway.{module} imports {names - allowed}"
