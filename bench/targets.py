@@ -375,10 +375,24 @@ class GatewayTarget(Target):
         return int(status["counts"]["instances"])
 
 
+class GatewayWorkersTarget(GatewayTarget):
+    """The gateway with ``dimse.workers = 2``: the main process hands associations to the
+    least busy of itself and one receiver process (ingest only; query/retrieve is measured on
+    ``gateway``)."""
+
+    name = "gateway-2p"
+    description = "imaging-gateway, dimse.workers = 2 (two receiver processes)"
+    serves_qr = False
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "GATEWAY_DIMSE_WORKERS": "2"}
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         GatewayTarget(),
+        GatewayWorkersTarget(),
         StorescpTarget(),
         StorescpIgnoreTarget(),
         OrthancTarget(),

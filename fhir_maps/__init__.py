@@ -12,6 +12,8 @@ request::
 publisher and the cohort queries (see :mod:`fhir_maps.identity`).
 """
 
+from typing import Any
+
 from fhir_maps.body_parts import BODY_PART_EXAMINED, body_part_coding
 from fhir_maps.dicom_json import coded_concepts, person_names
 from fhir_maps.dicom_values import fhir_date, fhir_datetime, split_multi
@@ -49,9 +51,18 @@ from fhir_maps.imaging_study import (
     study_identifier,
     study_search_token,
 )
-from fhir_maps.models import to_model
 from fhir_maps.names import display_name, human_names
 from fhir_maps.patient import build_patient
+
+
+def __getattr__(name: str) -> Any:
+    """``to_model`` (validation with fhir.resources) is imported on first use: the models cost
+    ~25 MB and a second of start-up that the gateway's DICOM processes never need."""
+    if name == "to_model":
+        from fhir_maps.models import to_model
+
+        return to_model
+    raise AttributeError(f"module 'fhir_maps' has no attribute {name!r}")
 
 __all__ = [
     "BODY_PART_EXAMINED",
