@@ -211,9 +211,13 @@ def reject_called_ae(sock: socket.socket) -> None:
     """Answer an A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent, by the
     service user, called AE title not recognised; then close."""
     with contextlib.suppress(OSError):
+        # The request is still unread (peeked): read it, or closing would send a reset.
+        sock.recv(1 << 20)
         sock.sendall(bytes([0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x01, 0x01, 0x07]))
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(2.0)  # the requestor closes once it has read the RJ (PS3.8 9.1.4)
+        while sock.recv(4096):
+            pass
     sock.close()
 
 
@@ -282,6 +286,16 @@ class Association:
             with contextlib.suppress(OSError):
                 self.sock.close()
 
+    def _await_close(self, timeout: float = 2.0) -> None:
+        """After A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.1.4, ARTIM): let
+        it, so it reads the RJ before any close of ours (closing first can reach it as a
+        reset and lose the RJ); stop waiting after ``timeout``."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(timeout)
+            while self.sock.recv(4096):
+                pass
+
     def _abort(self, reason: int) -> None:
         pdu = A_ABORT_RQ()
         pdu.source = 0x02
@@ -321,6 +335,7 @@ class Association:
             log.warning("association rejected: calling %s called %s from %s (result %d, "
                         "source %d, reason %d)", self.calling_ae, called, self.address[0],
                         *reject)
+            self._await_close()
             return False
         self.channel.peer_max_pdu = int(rq.maximum_length_received or 0)
         roles = {
