@@ -100,12 +100,20 @@ def _os_release() -> str:
     return platform.platform()
 
 
+def _sekmet_version() -> str:
+    """The FHIR server of the publish measure (installed by scripts/test.sh)."""
+    from bench import sekmet
+
+    return sekmet.version() or "not installed"
+
+
 def tool_versions() -> dict[str, str]:
     """Versions of every peer and library that shapes the figures."""
     return {
         "dcmtk": _dcmtk_version(),
         "Orthanc": _orthanc_version(),
         "orthanc-dicomweb": _dpkg_version("orthanc-dicomweb"),
+        "sekmet-fhir": _sekmet_version(),
         "python": platform.python_version(),
         "pynetdicom": _pkg_version("pynetdicom"),
         "pydicom": _pkg_version("pydicom"),
