@@ -7,10 +7,11 @@ Examples::
     python -m bench --full --targets storescp,orthanc --assocs 1
     python -m bench --quick --measures qido,wado     # query/retrieve only
     python -m bench --quick --measures scale         # the 1M-instance index (built once)
+    python -m bench --quick --measures publish       # FHIR publishing against sekmet-fhir
     python -m bench --quick --measures cohort        # 1,000 FHIR patients x 100,000 studies
 
-Peers come from scripts/install_bench_deps.sh (dcmtk, Orthanc + DICOMweb plugin); the cohort
-measure's FHIR server (sekmet-fhir) from scripts/test.sh (install_sekmet).
+Peers come from scripts/install_bench_deps.sh (dcmtk, Orthanc + DICOMweb plugin); the FHIR
+server of the publish and cohort measures (sekmet-fhir) from scripts/test.sh.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from bench import BENCH_ROOT_DEFAULT, cohort, ingest, scale
+from bench import BENCH_ROOT_DEFAULT, cohort, ingest, publish, scale
 from bench import targets as targets_mod
 from bench.dataset import FULL_SPEC, QUICK_SPEC, DatasetSpec, ensure_dataset, warm_page_cache
 from bench.qrrun import QR_MEASURES, QrOptions, run_qr
@@ -32,9 +33,9 @@ from bench.report import render_document, write_outputs
 from bench.sysinfo import REPO_ROOT, machine_info, tool_versions
 from bench.targets import TARGETS, Target
 
-MEASURES = ("ingest", *QR_MEASURES, "scale", "cohort")
+MEASURES = ("ingest", *QR_MEASURES, "publish", "scale", "cohort")
 """Measures this harness knows, in report order."""
-QUICK_MEASURES = ("ingest", *QR_MEASURES)
+QUICK_MEASURES = ("ingest", *QR_MEASURES, "publish")
 """What --quick runs unless --measures says otherwise (scale and cohort are opt-in there:
 their indexes take minutes to build the first time)."""
 
@@ -70,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"{cohort.CohortSpec.members})")
     p.add_argument("--evaluations", type=int,
                    help="cold cohort evaluations per criterion and run (3 quick, 10 full)")
+    p.add_argument("--publish-studies", type=int,
+                   help="studies published at once in the publish throughput phase "
+                   f"({publish.QUICK.studies} quick, {publish.FULL.studies} full)")
+    p.add_argument("--quiet-seconds", type=float,
+                   help="the gateway's publish.quiet_seconds in the publish measure "
+                   f"({publish.QUICK.quiet_seconds:g} quick, {publish.FULL.quiet_seconds:g} full)")
     p.add_argument("--studies", type=int, help="override the preset's number of studies")
     p.add_argument("--series-per-study", type=int, help="override series per study")
     p.add_argument("--instances-per-series", type=int, help="override instances per series")
@@ -178,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         qr_raw, qr_sections = run_qr(measures, runnable, dataset, args.cache / "runs", opts)
         raw.update(qr_raw)
         sections += qr_sections
+    if "publish" in measures:
+        preset = publish.FULL if args.full else publish.QUICK
+        pub_opts = replace(preset, runs=runs, studies=args.publish_studies or preset.studies,
+                           quiet_seconds=preset.quiet_seconds if args.quiet_seconds is None
+                           else args.quiet_seconds)
+        raw["publish"], pub_section = publish.run(
+            dataset, args.cache, pub_opts, available=unavailable.get("gateway"))
+        sections.append(pub_section)
     if "scale" in measures:
         spec_scale = scale.scale_spec(args.scale_studies)
         scale_raw, scale_section = scale.run(

@@ -64,19 +64,17 @@ from typing import Any
 
 import numpy as np
 
-from bench import scale
+from bench import scale, sekmet
 from bench.archive import LoadedTarget
 from bench.clients import HttpClient
 from bench.dataset import build_once
 from bench.qido import QueryCase, run_case
 from bench.qrstats import Goal, LatencyRun, Summary, failures, summarize_latency
 from bench.report import Stat, fmt_stat, md_table
-from bench.sysinfo import REPO_ROOT
 from bench.targets import Endpoint, RunningTarget, Target, TargetStartError, http_json
 
 GENERATOR_VERSION = 1
 SEKMET_VERSION = "0.1.1"
-SEKMET_BIN = REPO_ROOT / ".infra/sekmet-venv/bin/sekmet"
 PATIENT_SYSTEM = "urn:oid:2.16.840.1.113883.3.7777.1"
 """The site's MRN system: ``[publish] patient_system`` of the gateway under test."""
 OTHER_SYSTEM = "urn:oid:2.16.840.1.113883.3.7777.9"
@@ -143,10 +141,7 @@ class SekmetTarget(Target):
         self.seeded = seeded
 
     def unavailable_reason(self) -> str | None:
-        if not SEKMET_BIN.is_file():
-            return (f"sekmet-fhir not installed at {SEKMET_BIN} (scripts/test.sh installs it: "
-                    "install_sekmet in scripts/_env.sh)")
-        return None
+        return sekmet.missing_reason()
 
     def prepare(self, ep: Endpoint) -> None:
         data = ep.workdir / "data"
@@ -162,7 +157,7 @@ class SekmetTarget(Target):
         (ep.workdir / "settings.yaml").write_text(json.dumps(settings))
 
     def command(self, ep: Endpoint) -> list[str]:
-        return [str(SEKMET_BIN), "serve", "-c", str(ep.workdir / "settings.yaml")]
+        return [str(sekmet.SEKMET_BIN), "serve", "-c", str(ep.workdir / "settings.yaml")]
 
     def env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith("SEKMET_")}

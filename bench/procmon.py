@@ -13,8 +13,11 @@ process and all its descendants, found again at each sample:
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil  # type: ignore[import-untyped]
@@ -100,6 +103,63 @@ class TreeMonitor:
             max_processes=self._max_procs,
         )
 
+
+class CpuTimeline:
+    """CPU seconds of a process tree sampled over time, for windows known only afterwards.
+
+    :class:`TreeMonitor` needs the window's start and end as they happen; here the window
+    comes later (e.g. from timestamps in a server's log), so every ``interval`` seconds the
+    tree's summed user+system time is recorded with :func:`time.time`, and
+    :meth:`between` interpolates linearly. ``pid`` is a callable because the process may not
+    exist yet when sampling starts (it is waited for).
+    """
+
+    def __init__(self, pid: Callable[[], int | None], interval: float = 0.01) -> None:
+        self._pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._seen: dict[ProcKey, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-timeline", daemon=True)
+
+    def __enter__(self) -> CpuTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        root = None
+        while not self._stop.wait(self.interval):
+            if root is None:
+                pid = self._pid()
+                if pid is None:
+                    continue
+                try:
+                    root = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    return
+            for proc in _tree(root):  # processes that exit keep their last figure
+                try:
+                    times = proc.cpu_times()
+                    self._seen[(proc.pid, proc.create_time())] = times.user + times.system
+                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                    continue
+            self.samples.append((time.time(), sum(self._seen.values())))
+
+    def at(self, when: float) -> float | None:
+        """The tree's CPU seconds at epoch time ``when`` (None outside the samples)."""
+        for (t0, c0), (t1, c1) in itertools.pairwise(self.samples):
+            if t0 <= when <= t1:
+                return c0 + (c1 - c0) * ((when - t0) / (t1 - t0) if t1 > t0 else 0.0)
+        return None
+
+    def between(self, start: float, end: float) -> float | None:
+        """CPU seconds the tree used from ``start`` to ``end`` (epoch), if both were sampled."""
+        a, b = self.at(start), self.at(end)
+        return None if a is None or b is None else max(0.0, b - a)
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -226,9 +226,10 @@ def _runs_cell(s: Summary) -> str:
 
 
 def latency_table(summaries: list[Summary], case_labels: dict[str, str],
-                  ratio: bool = True) -> str:
-    """Markdown: one row per (case, target) with p50, p95, CPU per request, ratio, goal."""
-    header = ["query", "target", "p50 ms", "p95 ms", "server CPU ms / request"]
+                  ratio: bool = True, first: str = "query") -> str:
+    """Markdown: one row per (case, target) with p50, p95, CPU per request, ratio, goal;
+    ``first`` heads the column of case labels."""
+    header = [first, "target", "p50 ms", "p95 ms", "server CPU ms / request"]
     if ratio:
         header.append("p50 ratio to Orthanc (< 1 = faster)")
     header += ["goal", "runs ok"]

@@ -71,13 +71,6 @@ def _orthanc_version() -> str:
     return out.splitlines()[0] if out else "not installed"
 
 
-def _sekmet_version() -> str:
-    """Version of the cohort measure's FHIR server, as ``sekmet --version`` reports it."""
-    out = _run([str(REPO_ROOT / ".infra/sekmet-venv/bin/sekmet"), "--version"])
-    m = re.search(r"\d+\.\d+\.\d+", out)
-    return m.group(0) if m else "not installed"
-
-
 def _git_commit() -> str:
     """Short HEAD commit of the repository (read-only), or "none"."""
     out = _run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
@@ -105,6 +98,13 @@ def _os_release() -> str:
     except OSError:
         pass
     return platform.platform()
+
+
+def _sekmet_version() -> str:
+    """The FHIR server of the publish and cohort measures (installed by scripts/test.sh)."""
+    from bench import sekmet
+
+    return sekmet.version() or "not installed"
 
 
 def tool_versions() -> dict[str, str]:

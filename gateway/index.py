@@ -618,8 +618,9 @@ class Index:
 
     def study_snapshot(self, study_uid: str) -> dict[str, Any] | None:
         """Everything the index holds about one study, for the FHIR mapping: ``study`` and
-        ``patient`` rows, ``series`` rows (each with its ``instances``), or None if the study
-        is not (or no longer) stored."""
+        ``patient`` rows, ``series`` rows (each with its ``instances``) and ``published_at``
+        (when it was last recorded as published, None if never), or None if the study is not
+        (or no longer) stored."""
         with self.engine.connect() as conn:
             row = conn.execute(select(study).where(study.c.StudyInstanceUID == study_uid)).first()
             if row is None:
@@ -635,10 +636,13 @@ class Index:
             for r in conn.execute(select(instance).where(
                     instance.c.series_id.in_(list(by_id)))):
                 by_id[r.series_id]["instances"].append(dict(r._mapping))
+            published_at = conn.execute(select(publication.c.published_at).where(
+                publication.c.StudyInstanceUID == study_uid)).scalar()
         for row_with_json in (study_row, *series_rows):
             if isinstance(row_with_json.get("attributes"), str):
                 row_with_json["attributes"] = json.loads(row_with_json["attributes"])
-        return {"study": study_row, "patient": patient_row, "series": series_rows}
+        return {"study": study_row, "patient": patient_row, "series": series_rows,
+                "published_at": published_at}
 
     def record_publication(self, study_uid: str, *, patient_reference: str | None,
                            imaging_study_id: str | None) -> None:

@@ -19,6 +19,9 @@ For each due study (:meth:`Publisher.publish`):
 5. the ImagingStudy: found by ``identifier=urn:dicom:uid|urn:oid:<StudyInstanceUID>``; created
    with ``If-None-Exist`` when absent, else updated with ``If-Match`` on the version read (a
    concurrent edit makes the update fail with 412 and the study is read and merged again).
+   A study the index has never recorded as published is created at once, without the search:
+   ``If-None-Exist`` makes the server do it (one request less per new study); a 200 (it
+   exists after all: a rebuilt index, another replica) leads to the search and update.
    Elements the gateway does not own (notes, extensions, …) are kept.
 
 A study no longer in the index (deleted, or every instance rejected) becomes
@@ -247,7 +250,8 @@ class Publisher:
         resource = build_imaging_study(
             facts, self.options, subject=subject, endpoint=self.endpoint_reference(),
             based_on=self._orders(facts), include_instances=self.policy.include_instances)
-        written = self._upsert(study_uid, resource)
+        written = self._upsert(study_uid, resource,
+                               search_first=snapshot.get("published_at") is not None)
         reference = (written.get("subject") or {}).get("reference")
         self.index.record_publication(
             study_uid, patient_reference=reference if isinstance(reference, str) else None,
@@ -321,9 +325,12 @@ class Publisher:
                                      "identifier; resolve the duplicates on the server")
         return found[0] if found else None
 
-    def _upsert(self, study_uid: str, resource: dict[str, Any]) -> dict[str, Any]:
-        for _attempt in range(5):
-            existing = self._existing(study_uid)
+    def _upsert(self, study_uid: str, resource: dict[str, Any], *,
+                search_first: bool = True) -> dict[str, Any]:
+        """Create or update the study's ImagingStudy; ``search_first=False`` tries the
+        conditional create before looking for an existing one (a study never published)."""
+        for attempt in range(5):
+            existing = self._existing(study_uid) if search_first or attempt else None
             if existing is None:
                 written = self.client.create(
                     resource, if_none_exist={"identifier": study_search_token(study_uid)})

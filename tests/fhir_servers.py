@@ -4,6 +4,7 @@
   certificate made for the session, with its own SMART Backend Services token endpoint
   (``/auth/token``, discovered through ``/fhir/.well-known/smart-configuration``). Its tokens
   are HS256 JWTs that only sekmet itself validates. Fresh data directory per session.
+  Started and stopped by :mod:`bench.sekmet`, which the publish benchmark shares.
 - :class:`OAuthServer`: oidc-provider 9.13.3 (node, ``tests/oauth/server.mjs``), a separate
   authorization server issuing RS256 JWT access tokens for client_secret_basic,
   client_secret_post and private_key_jwt clients.
@@ -32,7 +33,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -49,12 +49,13 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
+from bench import sekmet as sekmet_process
+from bench.sekmet import SEKMET_BIN, stop_process
 from gateway.credentials import Secret
 from gateway.fhir_client import ClientCredentials, FhirClient
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / ".infra"
-SEKMET_BIN = INFRA / "sekmet-venv" / "bin" / "sekmet"
 OAUTH_MODULES = INFRA / "node" / "oauth" / "node_modules"  # npm_install tests/oauth
 OAUTH_SCRIPT = Path(__file__).parent / "oauth" / "server.mjs"
 
@@ -64,7 +65,7 @@ SCOPES = ("system/ImagingStudy.crus system/Endpoint.crus system/Patient.rs "
           "system/Patient.read")
 
 JWT_CLIENT = "gw-jwt"  # private_key_jwt; on sekmet with the RSA key only
-EC_CLIENT = "gw-jwt-ec"  # sekmet: private_key_jwt with the EC key (see Sekmet.write_config)
+EC_CLIENT = "gw-jwt-ec"  # sekmet: private_key_jwt with the EC key (see Sekmet.settings)
 SECRET_CLIENT = "gw-secret"  # client_secret_basic / _post (sekmet accepts both for one client)
 POST_CLIENT = "gw-post"  # oidc-provider: registered for client_secret_post
 NARROW_CLIENT = "gw-narrow"  # may only ask for system/Patient.rs
@@ -89,20 +90,6 @@ def _wait_until(ready: Any, process: subprocess.Popen[bytes], log: Path, what: s
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{what} not ready after {timeout} s:\n{log.read_text()}")
-
-
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM; SIGINT after 2 s (uvicorn otherwise waits for the idle keep-alive connections
-    of clients still open, and forces its exit on a SIGINT that follows); SIGKILL last."""
-    if process is None or process.poll() is not None:
-        return
-    for signum, grace in ((signal.SIGTERM, 2), (signal.SIGINT, 10), (signal.SIGKILL, 10)):
-        process.send_signal(signum)
-        try:
-            process.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -180,14 +167,15 @@ class Sekmet:
 
     @property
     def log_file(self) -> Path:
-        return self.root / "sekmet.log"
+        return self.root / sekmet_process.LOG_NAME
 
-    def write_config(self) -> Path:
+    def settings(self) -> dict[str, Any]:
+        """sekmet's settings: HTTPS with a certificate made here, SMART clients, scopes."""
         if not self.ca_file.exists():
             subprocess.run([str(SEKMET_BIN), "keys", "tls-cert", "--out", str(self.root / "tls"),
                             "localhost", "127.0.0.1"], check=True, capture_output=True,
                            cwd=self.root)
-        settings = {  # YAML is a superset of JSON
+        return {
             "base_url": self.base_url, "host": "127.0.0.1", "port": self.port,
             "data_dir": str(self.root / "data"), "own_private_key_path": str(self.root / "own.pem"),
             "tls_certfile": str(self.ca_file), "tls_keyfile": str(self.root / "tls.key"),
@@ -209,26 +197,17 @@ class Sekmet:
                 ],
             },
         }
-        path = self.root / "settings.yaml"
-        path.write_text(json.dumps(settings))
-        return path
 
     def start(self) -> Sekmet:
-        if not SEKMET_BIN.exists():
-            pytest.fail("sekmet-fhir is not installed: run scripts/test.sh (install_sekmet)")
-        config = self.write_config()
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [str(SEKMET_BIN), "serve", "-c", str(config)], stdout=log,
-                stderr=subprocess.STDOUT, cwd=self.root,
-                env={k: v for k, v in os.environ.items() if not k.startswith("SEKMET_")})
-        _wait_until(lambda: requests.get(f"{self.base_url}/metadata", timeout=2,
-                                         verify=str(self.ca_file)).ok,
-                    self.process, self.log_file, "sekmet")
+        reason = sekmet_process.missing_reason()
+        if reason is not None:
+            pytest.fail(reason)
+        self.process = sekmet_process.start(self.settings(), self.root,
+                                            verify=str(self.ca_file))
         return self
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
 
 # -- oidc-provider ---------------------------------------------------------------------------------
@@ -299,12 +278,12 @@ class OAuthServer:
         reader.start()
         reader.join(60)
         if not found or not found[0].startswith(b"listening "):
-            _stop(process)
+            stop_process(process)
             raise RuntimeError(f"oidc-provider did not start:\n{self.log_file.read_text()}")
         return found[0].decode()
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
 
 # -- the resource server ---------------------------------------------------------------------------

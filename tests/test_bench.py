@@ -2,8 +2,8 @@
 pushes a tiny generated study into each with storescu, verifies every instance arrived, runs
 the query/retrieve measures against the gateway loaded with that study and the scale measure
 on a tiny generated index, and writes the report; then the cohort measure on a tiny world
-against the real FHIR server (sekmet-fhir). No timing is asserted: only that the harness works
-end to end."""
+and the FHIR publishing measure with a few tiny studies, both against the real FHIR server
+(sekmet-fhir). No timing is asserted: only that the harness works end to end."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bench import sekmet
 
 from conftest import ROOT, require_dcmtk
 from fhir_servers import SEKMET_BIN
@@ -85,3 +87,31 @@ def test_the_cohort_measure_runs_against_the_real_fhir_server(tmp_path: Path) ->
         for evaluation in run["evaluations"]:
             assert evaluation["total_ms"] >= evaluation["fhir_ms"] >= 0
             assert (evaluation["fhir_requests"] > 0) == (run["case"] != "cached")
+
+
+def test_publish_measure_runs_against_sekmet(tmp_path: Path) -> None:
+    require_dcmtk()
+    missing = sekmet.missing_reason()
+    if missing:  # scripts/test.sh installs it: never skip silently
+        pytest.fail(missing)
+    out, raw = tmp_path / "benchmarks.md", tmp_path / "latest.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--targets", "gateway",
+         "--measures", "publish", "--runs", "1", "--studies", "2", "--series-per-study", "1",
+         "--instances-per-series", "3", "--publish-studies", "4",
+         "--cache", str(tmp_path / "cache"), "--out", str(out), "--json", str(raw)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    section = _section(out.read_text(), "FHIR publishing")
+    latency = [line for line in section.splitlines() if "| gateway |" in line]
+    assert len(latency) == 1 and latency[0].endswith("| 1/1 |"), section
+    rows = [line for line in section.splitlines()
+            if line.startswith(("| gateway publisher", "| plain PUT"))]
+    assert len(rows) == 3 and all(row.endswith("| 1/1 |") for row in rows), section
+    data = json.loads(raw.read_text())["publish"]
+    (lat,) = data["latency"]["runs"]
+    assert lat["status"] == "ok" and len(lat["samples_ms"]) == 2, lat
+    (thr,) = data["throughput"]["runs"]
+    assert thr["status"] == "ok", thr["error"]
+    assert thr["requests"]["POST ImagingStudy"] == 4, thr["requests"]
+    assert thr["gateway"]["studies"] == thr["put_parallel"]["studies"] == 4

@@ -18,7 +18,10 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
+from gateway.bootstrap import build_services, mapping_options
+from gateway.config import load_settings
 from gateway.fhir_client import FhirClient
+from gateway.publisher import Publisher, PublishPolicy
 
 from conftest import GatewayProcess, dcmtk_env, free_port, require_dcmtk
 from fhir_servers import (
@@ -27,6 +30,7 @@ from fhir_servers import (
     NARROW_CLIENT,
     ClientKeys,
     Sekmet,
+    credentials,
     sekmet_client,
 )
 from samples import synthetic_instance
@@ -249,3 +253,65 @@ def test_a_gateway_killed_while_publishing_never_duplicates(
     for study_uid in studies:
         wait_for(lambda s=study_uid: imaging_studies(fhir, s), timeout=90, what="publication")
     assert [len(imaging_studies(fhir, s)) for s in studies] == [1] * len(studies)
+
+
+def test_a_new_study_is_created_at_once_and_a_published_one_found_and_updated(
+        sekmet: Sekmet, client_keys: ClientKeys, fhir: FhirClient, tmp_path: Path) -> None:
+    """The ImagingStudy requests of the publisher, seen on the wire: a study the index never
+    published is created with ``If-None-Exist`` straight away (the server searches: one
+    request less per new study, docs/benchmarks.md), a published one is searched and updated,
+    and one already on the server but unknown to the index (a rebuilt index, another replica)
+    is still never duplicated."""
+    study_uid, mrn = uid(), f"MRN-{uuid.uuid4().hex[:8]}"
+    seen: list[tuple[str, str]] = []
+
+    def publisher(name: str) -> tuple[Publisher, Any]:
+        settings = load_settings(environ={}, overrides={
+            "storage": {"path": str(tmp_path / name)},
+            "publish": {"patient_system": MRN, "accession_system": ACCESSION}})
+        services = build_services(settings)
+        session = requests.Session()
+        session.hooks["response"].append(lambda r, *_a, **_k: seen.append(
+            (r.request.method or "", (r.request.path_url or "").split("/fhir/")[-1])))
+        client = FhirClient(sekmet.base_url, ca_bundle=str(sekmet.ca_file), session=session,
+                            auth=credentials(sekmet, client_keys, "private_key_jwt",
+                                             scope=BROAD_SCOPE, fhir_base_url=sekmet.base_url,
+                                             verify=str(sekmet.ca_file)))
+        return Publisher(services.index, client, mapping_options(settings),
+                         PublishPolicy(patient_policy="create")), services
+
+    def store(services: Any, directory: Path, count: int) -> None:
+        directory.mkdir()
+        for n in range(count):
+            services.ingest.store_file(
+                synthetic_instance(directory, PatientID=mrn, StudyInstanceUID=study_uid,
+                                   SeriesInstanceUID=f"{study_uid}.1", InstanceNumber=n + 1),
+                move=False, source="test")
+
+    def study_requests() -> list[tuple[str, str]]:
+        made = [(method, path.split("?")[0].split("/")[0] + ("?" if "?" in path else ""))
+                for method, path in seen if path.startswith("ImagingStudy")]
+        seen.clear()
+        return made
+
+    first, services = publisher("first")
+    store(services, tmp_path / "a", 2)
+    first.publish(study_uid)
+    assert study_requests() == [("POST", "ImagingStudy")], "no search before the create"
+    store(services, tmp_path / "b", 1)
+    first.publish(study_uid)
+    assert study_requests() == [("GET", "ImagingStudy?"), ("PUT", "ImagingStudy")]
+    (published,) = imaging_studies(fhir, study_uid)
+    assert published["numberOfInstances"] == 3
+
+    other, other_services = publisher("second")  # the same study in a fresh index
+    store(other_services, tmp_path / "c", 3)
+    other.publish(study_uid)
+    assert study_requests()[:2] == [("POST", "ImagingStudy"), ("GET", "ImagingStudy?")], \
+        "the conditional create finds it (200), then the publisher reads and merges"
+    assert [s["id"] for s in imaging_studies(fhir, study_uid)] == [published["id"]]
+    for made in (first, other):
+        made.stop()
+        made.client.close()
+    services.close()
+    other_services.close()
