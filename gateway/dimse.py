@@ -154,8 +154,7 @@ class DimseNode:
             also_called=lambda called: self.cohort_of(called) is not None,
         )
         self.lean_qr = qr_lean.LeanQueryRetrieve(
-            self.qr, dict(settings.peers), ae_title=dimse["ae_title"],
-            network_timeout=dimse["network_timeout"], max_pdu=dimse["max_pdu"])
+            self.qr, network_timeout=dimse["network_timeout"], max_pdu=dimse["max_pdu"])
 
     def _make_ae(self) -> AE:
         dimse = self.settings.dimse

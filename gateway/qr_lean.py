@@ -28,7 +28,6 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from gateway import dicom_binary, upper_layer
-from gateway.config import Peer
 from gateway.qr import Outgoing, QueryRetrieve, Refused, answer_dataset, contexts_for
 from gateway.receiver import Association
 from gateway.upper_layer import (
@@ -131,11 +130,9 @@ def _status_of(value: Any) -> tuple[int, str]:
 class LeanQueryRetrieve:
     """The handler :class:`gateway.receiver.Association` calls for C-FIND/C-MOVE/C-GET."""
 
-    def __init__(self, service: QueryRetrieve, peers: dict[str, Peer], *, ae_title: str,
-                 network_timeout: float, max_pdu: int = 0) -> None:
+    def __init__(self, service: QueryRetrieve, *, network_timeout: float,
+                 max_pdu: int = 0) -> None:
         self.service = service
-        self.peers = peers
-        self.ae_title = ae_title
         self.network_timeout = network_timeout
         self.max_pdu = max_pdu
 
@@ -220,29 +217,15 @@ class LeanQueryRetrieve:
             for cid, cx in assoc.contexts.items() if cx.as_scu}
         target = Requested(assoc.channel, accepted)
 
-        def await_response(store_id: int) -> int:
-            deferred: list[Message] = []  # a C-CANCEL: looked at between sub-operations
-            while True:
-                reply = assoc.next_message()
-                if (reply.command_field == C_STORE_RSP
-                        and reply.us(RESPONDED_TO) == store_id):
-                    for waiting in deferred:
-                        assoc.put_back(waiting)
-                    return reply.us(STATUS)
-                if reply.command_field != upper_layer.C_CANCEL_RQ:
-                    raise ProtocolError("a request arrived while a C-STORE sub-operation "
-                                        "awaited its response", 0x02)
-                deferred.append(reply)
-
         self._sub_operations(assoc, message, model, C_GET_RSP, items, target,
-                             assoc.new_message_id, await_response, originator=None)
+                             assoc.next_message, assoc.put_back, originator=None)
 
     def move(self, assoc: Association, message: Message, model: str,
              identifier: Dataset) -> None:
         """C-MOVE (C.4.2): each instance as a C-STORE sub-operation on a new association to
         the Move Destination."""
         destination = message.text(MOVE_DESTINATION)
-        peer = self.peers.get(destination)
+        peer = self.service.peers.get(destination)
         if peer is None:
             log.warning("C-MOVE from %s to unknown destination %s", assoc.calling_ae,
                         destination)
@@ -257,7 +240,7 @@ class LeanQueryRetrieve:
             return
         try:
             target = upper_layer.request_association(
-                peer.host, peer.port, self.ae_title, destination, contexts_for(items),
+                peer.host, peer.port, self.service.ae_title, destination, contexts_for(items),
                 timeout=self.network_timeout, max_pdu=self.max_pdu)
         except AssociationRefused as exc:
             log.warning("C-MOVE from %s: %s", assoc.calling_ae, exc)
@@ -265,38 +248,21 @@ class LeanQueryRetrieve:
             return
         log.info("C-MOVE from %s: %d instances to %s", assoc.calling_ae, len(items),
                  destination)
-        reader = upper_layer.MessageReader(target.accepted)
-        ready: list[Message] = []
-        counter = iter(range(1, 1 << 30))
-
-        def await_response(store_id: int) -> int:
-            while True:
-                while ready:
-                    reply = ready.pop(0)
-                    if (reply.command_field == C_STORE_RSP
-                            and reply.us(RESPONDED_TO) == store_id):
-                        return reply.us(STATUS)
-                pdu = target.channel.read_pdu()
-                if pdu is None or pdu[0] in (0x07, 0x05):
-                    raise AssociationEnded(f"{destination} ended the association")
-                if pdu[0] != 0x04:
-                    raise ProtocolError(f"unexpected PDU type 0x{pdu[0]:02X} from "
-                                        f"{destination}")
-                ready.extend(reader.feed(pdu[1]))
-
         try:
             self._sub_operations(assoc, message, model, C_MOVE_RSP, items, target,
-                                 lambda: next(counter) % 0xFFFF + 1, await_response,
+                                 target.next_message, lambda _message: None,
                                  originator=(assoc.calling_ae, message.us(MESSAGE_ID)))
         finally:
             target.channel.release()
 
     def _sub_operations(self, assoc: Association, message: Message, model: str,
                         response: int, items: list[Any], target: Requested,
-                        new_id: Callable[[], int], await_response: Callable[[int], int], *,
+                        next_message: Callable[[], Message],
+                        put_back: Callable[[Message], None], *,
                         originator: tuple[str, int] | None) -> None:
-        """Send every instance, answering pending responses with the counts, then the final
-        response."""
+        """Send every instance to ``target``, whose replies ``next_message`` reads (a
+        C-CANCEL among them goes to ``put_back``), answering pending responses with the
+        counts, then the final response."""
         message_id = message.us(MESSAGE_ID)
         ops = SubOperations(len(items))
         accepted = target.syntaxes()
@@ -314,9 +280,9 @@ class LeanQueryRetrieve:
                 ops.record(None, item.sop_uid)
             else:
                 try:
-                    store_id = new_id()
+                    store_id = target.channel.new_message_id()
                     _send_store(target.channel, context_id, store_id, out, originator)
-                    ops.record(await_response(store_id), item.sop_uid)
+                    ops.record(_store_status(next_message, store_id, put_back), item.sop_uid)
                 except FileNotFoundError:
                     log.warning("sub-operation for SOP Instance %s fails: its stored file "
                                 "vanished", item.sop_uid)
@@ -331,6 +297,26 @@ class LeanQueryRetrieve:
                     break
             assoc.respond(message, response, 0xFF00, sop_class=model, extra=ops.counts())
         self._final(assoc, message, response, model, ops.final_status(len(items)), ops=ops)
+
+
+def _store_status(next_message: Callable[[], Message], store_id: int,
+                  put_back: Callable[[Message], None]) -> int:
+    """The status of the C-STORE-RSP to ``store_id`` (one sub-operation is outstanding at a
+    time). A C-CANCEL arriving meanwhile is put back, to be looked at before the next one;
+    any other request is a protocol error (no asynchronous operations were negotiated)."""
+    deferred: list[Message] = []
+    try:
+        while True:
+            reply = next_message()
+            if reply.command_field == C_STORE_RSP and reply.us(RESPONDED_TO) == store_id:
+                return reply.us(STATUS)
+            if reply.command_field != upper_layer.C_CANCEL_RQ:
+                raise ProtocolError("a request arrived while a C-STORE sub-operation awaited "
+                                    "its response", 0x02)
+            deferred.append(reply)
+    finally:
+        for waiting in deferred:
+            put_back(waiting)
 
 
 def _send_store(channel: Channel, context_id: int, message_id: int, out: Outgoing,
@@ -349,7 +335,7 @@ def _send_store(channel: Channel, context_id: int, message_id: int, out: Outgoin
         command[MOVE_ORIGINATOR_ID] = us(originator[1])
     if out.path is not None:
         with open(out.path, "rb") as handle:
-            offset = upper_layer.dataset_offset(out.path)
+            offset = upper_layer.dataset_offset(handle)
             length = _size(handle) - offset
             channel.send_file_message(context_id, command, handle, offset, length)
         return

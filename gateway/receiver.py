@@ -38,12 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
@@ -214,11 +211,19 @@ def reject_called_ae(sock: socket.socket) -> None:
         # The request is still unread (peeked): read it, or closing would send a reset.
         sock.recv(1 << 20)
         sock.sendall(bytes([0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x01, 0x01, 0x07]))
+        await_close(sock)
+    sock.close()
+
+
+def await_close(sock: socket.socket, timeout: float = 2.0) -> None:
+    """After A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.1.4, ARTIM): let it,
+    so it reads the RJ before any close of ours (closing first can reach it as a reset and
+    lose the RJ); stop waiting after ``timeout``."""
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(2.0)  # the requestor closes once it has read the RJ (PS3.8 9.1.4)
+        sock.settimeout(timeout)
         while sock.recv(4096):
             pass
-    sock.close()
 
 
 def _recv_peek(sock: socket.socket, size: int) -> bytes | None:
@@ -252,7 +257,6 @@ class Association:
         self.channel = upper_layer.Channel(sock, max_pdu=policy.max_pdu)
         self.reader = upper_layer.MessageReader((), self._sink_for)
         self._ready: deque[Message] = deque()
-        self._message_id = 0
 
     # -- association lifecycle -----------------------------------------------------------------
     def run(self) -> None:
@@ -270,11 +274,11 @@ class Association:
             self._serve()
         except ProtocolError as exc:
             log.warning("association with %s aborted: %s", self.calling_ae, exc)
-            self._abort(exc.reason)
+            self.channel.abort(exc.reason, source=0x02)
         except TimeoutError:
             log.warning("association with %s aborted: no data for %s s (network_timeout)",
                         self.calling_ae, self.policy.network_timeout)
-            self._abort(0x00)
+            self.channel.abort(0x00, source=0x02)
         except AssociationEnded:
             pass
         except OSError as exc:
@@ -286,22 +290,6 @@ class Association:
             with contextlib.suppress(OSError):
                 self.sock.close()
 
-    def _await_close(self, timeout: float = 2.0) -> None:
-        """After A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.1.4, ARTIM): let
-        it, so it reads the RJ before any close of ours (closing first can reach it as a
-        reset and lose the RJ); stop waiting after ``timeout``."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-            self.sock.settimeout(timeout)
-            while self.sock.recv(4096):
-                pass
-
-    def _abort(self, reason: int) -> None:
-        pdu = A_ABORT_RQ()
-        pdu.source = 0x02
-        pdu.reason_diagnostic = reason
-        with contextlib.suppress(OSError):
-            self.channel.send(pdu.encode())
 
     def _negotiate(self, data: bytes) -> bool:
         """A-ASSOCIATE-RQ → AC or RJ (PS3.8 §7.1, Table 9-21)."""
@@ -335,7 +323,7 @@ class Association:
             log.warning("association rejected: calling %s called %s from %s (result %d, "
                         "source %d, reason %d)", self.calling_ae, called, self.address[0],
                         *reject)
-            self._await_close()
+            await_close(self.sock)
             return False
         self.channel.peer_max_pdu = int(rq.maximum_length_received or 0)
         roles = {
@@ -352,13 +340,7 @@ class Association:
         ac.called_ae_title = rq.called_ae_title
         ac.result, ac.result_source = 0x00, 0x01
         ac.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = policy.max_pdu
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ac.user_information = [max_length, class_uid, version, *role_items]
+        ac.user_information = [*upper_layer.implementation_items(policy.max_pdu), *role_items]
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(ac)
         self.channel.send(pdu.encode())
@@ -433,11 +415,6 @@ class Association:
             elif message.command_field != C_CANCEL_RQ:
                 self.put_back(message)
         return found
-
-    def new_message_id(self) -> int:
-        """A Message ID for a request this side sends (C-STORE sub-operations of a C-GET)."""
-        self._message_id = self._message_id % 0xFFFF + 1
-        return self._message_id
 
     def transfer_syntax(self, context_id: int) -> str:
         return str(self.contexts[context_id].transfer_syntax[0])

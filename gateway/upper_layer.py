@@ -18,13 +18,13 @@ The association PDUs themselves (A-ASSOCIATE-RQ/AC/RJ) are encoded and decoded b
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import select
 import socket
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
@@ -150,7 +150,7 @@ def field_text(fields: dict[int, bytes], tag: int) -> str:
 
 def decode_data_set(data: bytes, transfer_syntax: str) -> Dataset:
     """A data set received on a context with ``transfer_syntax`` (identifiers, responses)."""
-    return decode(_bytes_io(data), transfer_syntax == IMPLICIT_LE,
+    return decode(io.BytesIO(data), transfer_syntax == IMPLICIT_LE,
                   transfer_syntax != EXPLICIT_BE, transfer_syntax == DEFLATED_LE)
 
 
@@ -161,12 +161,6 @@ def encode_data_set(ds: Dataset, transfer_syntax: str) -> bytes:
     if data is None:
         raise ValueError("the data set cannot be encoded")
     return data
-
-
-def _bytes_io(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -288,7 +282,14 @@ class Channel:
         self.peer_max_pdu = peer_max_pdu
         self.max_pdu = max_pdu
         self._buffer = bytearray(256 * 1024)
+        self._file_buffer = bytearray()  # stored data sets pass through it on their way out
         self._out = bytearray()
+        self._message_id = 0
+
+    def new_message_id(self) -> int:
+        """A Message ID for a request this side sends (C-STORE sub-operations)."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
 
     @property
     def chunk(self) -> int:
@@ -342,20 +343,11 @@ class Channel:
     def send_message(self, context_id: int, command: dict[int, bytes],
                      data_set: bytes | None = None) -> None:
         """A DIMSE message whose data set (if any) is in memory."""
-        if data_set is not None:
-            command[DATA_SET_TYPE] = us(0x0000)
-        else:
-            command[DATA_SET_TYPE] = us(NO_DATA_SET)
+        command[DATA_SET_TYPE] = us(0x0000 if data_set is not None else NO_DATA_SET)
         self._send_command(context_id, encode_command(command), more=data_set is not None)
         if data_set is not None:
             view = memoryview(data_set)
-            step = self.chunk
-            for start in range(0, len(view), step):
-                piece = view[start: start + step]
-                last = start + step >= len(view)
-                self._pdv(context_id, 0x02 if last else 0x00, piece)
-            if not view:
-                self._pdv(context_id, 0x02, view)
+            self._send_data_set(context_id, len(view), lambda start, n: view[start: start + n])
 
     def send_file_message(self, context_id: int, command: dict[int, bytes], handle: BinaryIO,
                           offset: int, length: int) -> None:
@@ -363,19 +355,30 @@ class Channel:
         (a stored file's data set, streamed as it lies on disk)."""
         command[DATA_SET_TYPE] = us(0x0000)
         self._send_command(context_id, encode_command(command), more=True)
-        step = self.chunk
         fd = handle.fileno()
-        buffer = bytearray(min(step, max(length, 1)))
-        view = memoryview(buffer)
-        sent = 0
-        while True:
-            want = min(step, length - sent)
-            got = os.preadv(fd, [view[:want]], offset + sent) if want else 0
-            if got != want:
-                raise OSError(f"stored file shorter than expected ({sent + got} of {length} "
+        if len(self._file_buffer) < min(self.chunk, length):
+            self._file_buffer = bytearray(min(self.chunk, length))
+        buffer = memoryview(self._file_buffer)
+
+        def read(start: int, n: int) -> memoryview:
+            got = os.preadv(fd, [buffer[:n]], offset + start) if n else 0
+            if got != n:
+                raise OSError(f"stored file shorter than expected ({start + got} of {length} "
                               "data set bytes)")
-            sent += got
-            self._pdv(context_id, 0x02 if sent >= length else 0x00, view[:got])
+            return buffer[:n]
+
+        self._send_data_set(context_id, length, read)
+
+    def _send_data_set(self, context_id: int, length: int,
+                       piece: Callable[[int, int], memoryview]) -> None:
+        """``length`` bytes of data set, ``piece(start, n)`` at a time, one PDV per PDU of at
+        most the peer's maximum length, the last one flagged (PS3.8 E.2)."""
+        step, sent = self.chunk, 0
+        while True:
+            n = min(step, length - sent)
+            data = piece(sent, n)
+            sent += n
+            self._pdv(context_id, 0x02 if sent >= length else 0x00, data)
             if sent >= length:
                 return
 
@@ -432,6 +435,19 @@ class Channel:
             self.sock.close()
 
 
+def implementation_items(max_pdu: int) -> list[Any]:
+    """The user information every association PDU of the gateway carries: Maximum Length
+    Received (``max_pdu``, 0 = unlimited) and the Implementation Class UID and Version Name
+    (PS3.7 D.3.3.1, D.3.3.2)."""
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [max_length, class_uid, version]
+
+
 # -- the requestor side ------------------------------------------------------------------------
 class AssociationRefused(Exception):
     """The peer could not be reached, rejected the association or answered nonsense."""
@@ -444,6 +460,27 @@ class Requested:
     channel: Channel
     #: accepted context id → (abstract syntax, transfer syntax)
     accepted: dict[int, tuple[str, str]]
+    _reader: MessageReader | None = None
+    _ready: list[Message] = field(default_factory=list)
+
+    def next_message(self) -> Message:
+        """The next complete DIMSE message from the peer.
+
+        Raises
+        ------
+        AssociationEnded
+            The peer released, aborted or closed the association.
+        """
+        if self._reader is None:
+            self._reader = MessageReader(self.accepted)
+        while not self._ready:
+            pdu = self.channel.read_pdu()
+            if pdu is None or pdu[0] in (0x05, 0x07):
+                raise AssociationEnded("the peer ended the association")
+            if pdu[0] != 0x04:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu[0]:02X}")
+            self._ready.extend(self._reader.feed(pdu[1]))
+        return self._ready.pop(0)
 
     def context_for(self, sop_class: str, transfer_syntax: str) -> int | None:
         """The accepted context carrying ``sop_class`` in ``transfer_syntax``."""
@@ -477,13 +514,7 @@ def request_association(host: str, port: int, calling: str, called: str,
     rq.calling_ae_title = calling
     rq.called_ae_title = called
     rq.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    rq.user_information = [max_length, class_uid, version]
+    rq.user_information = implementation_items(max_pdu)
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     try:
@@ -546,21 +577,20 @@ def meta_end(head: bytes) -> int | None:
     return None
 
 
-def dataset_offset(source: Path | bytes) -> int:
-    """Where the data set of a Part 10 file (a stored file's path, or a whole file in memory)
+def dataset_offset(source: BinaryIO | bytes) -> int:
+    """Where the data set of a Part 10 file (an open stored file, or a whole file in memory)
     starts; an unusual File Meta Information layout is left to pydicom to read."""
     if isinstance(source, bytes):
         offset = meta_end(source[:144])
+        fp: BinaryIO = io.BytesIO(source)
     else:
-        with open(source, "rb") as fp:
-            offset = meta_end(fp.read(144))
+        offset = meta_end(os.pread(source.fileno(), 144, 0))
+        fp = source
     if offset is not None:
         return offset
-    import io
-
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
-    with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as fp:
-        read_preamble(fp, False)
-        _read_file_meta_info(fp)
-        return fp.tell()
+    fp.seek(0)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return fp.tell()
