@@ -57,6 +57,7 @@ class ReceiverPool:
         the main process has open."""
         self.local_load = local_load
         self._lock = threading.Lock()
+        self._turn = 0
         self.workers: list[_Worker] = []
         spawn = multiprocessing.get_context("spawn")
         for number in range(count):
@@ -95,14 +96,17 @@ class ReceiverPool:
                 worker.open = max(0, worker.open - 1)
 
     def hand_off(self, sock: socket.socket, address: tuple[str, int]) -> bool:
-        """Give ``sock`` to the least busy receiver process; False when the main process is
-        (or no worker can take it): it then serves the association itself."""
+        """Give ``sock`` to the least busy receiver process; False when that is the main
+        process (or no worker can take it): it then serves the association itself."""
         with self._lock:
-            live = [w for w in self.workers if w.alive]
-            if not live:
-                return False
-            chosen = min(live, key=lambda w: w.open)
-            if chosen.open >= self.local_load():
+            # Least busy first; among equals, take turns (so sequential associations, each
+            # finished before the next, spread too). None stands for the main process.
+            candidates: list[_Worker | None] = [None, *(w for w in self.workers if w.alive)]
+            self._turn = (self._turn + 1) % len(candidates)
+            turns = candidates[self._turn:] + candidates[:self._turn]
+            local = self.local_load()
+            chosen = min(turns, key=lambda w: local if w is None else w.open)
+            if chosen is None:
                 return False
             chosen.open += 1
         payload = b"A" + json.dumps([address[0], address[1]]).encode()
