@@ -47,6 +47,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def http_and_echo_ok(ep: Endpoint, path: str) -> bool:
+    """True when the target answers HTTP ``path`` and a C-ECHO."""
+    try:
+        http_json(f"http://{HOST}:{ep.http_port}{path}")
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return echo_ok(ep.aet, ep.dimse_port)
+
+
 def dcmtk_env() -> dict[str, str]:
     """The current environment plus TCP_NODELAY=1, for any dcmtk tool."""
     return {**os.environ, **DCMTK_ENV}
@@ -268,11 +277,7 @@ class OrthancTarget(Target):
         return dcmtk_env()
 
     def is_ready(self, ep: Endpoint) -> bool:
-        try:
-            http_json(f"http://{HOST}:{ep.http_port}/system")
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-        return echo_ok(ep.aet, ep.dimse_port)
+        return http_and_echo_ok(ep, "/system")
 
     def stored_count(self, ep: Endpoint) -> int | None:
         stats = http_json(f"http://{HOST}:{ep.http_port}/statistics", timeout=10)
@@ -348,11 +353,7 @@ class GatewayTarget(Target):
 
     def is_ready(self, ep: Endpoint) -> bool:
         # Both listeners: the DICOM one starts first, HTTP a moment later (gateway/cli.py).
-        try:
-            http_json(f"http://{HOST}:{ep.http_port}/healthz")
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-        return echo_ok(ep.aet, ep.dimse_port)
+        return http_and_echo_ok(ep, "/healthz")
 
     def verification(self) -> str:
         return "exit codes + Part-10 files under [storage] path"
