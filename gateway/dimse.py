@@ -118,6 +118,7 @@ class DimseNode:
         # Received data sets land in the storage's staging area, so moving them into place is
         # a rename, not a copy.
         receiver.ReceiveSink.directory = ingest.storage.staging_dir()
+        receiver.ReceiveSink.writeback = ingest.storage.fsync
         self.ae = self._make_ae()
         dimse = settings.dimse
         self.lean_upper_layer = dimse["lean_upper_layer"]

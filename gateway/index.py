@@ -705,11 +705,21 @@ class Index:
              "note_uid": note_uid, "rejected_at": now} for study_uid, sop in references])
         conn.execute(stmt.on_conflict_do_nothing(index_elements=["SOPInstanceUID"]))
 
-    def rejection_of(self, sop_uid: str) -> tuple[str, str] | None:
+    def rejection_of(self, sop_uid: str,
+                     conn: Connection | None = None) -> tuple[str, str] | None:
         """(reason code, note UID) if this instance was rejected by an IOCM note."""
-        with self.engine.connect() as conn:
+        if conn is not None:
             row = self._stmt_rejected(conn, {"sop": sop_uid}).first()
+        else:
+            with self.engine.connect() as own:
+                row = self._stmt_rejected(own, {"sop": sop_uid}).first()
         return (row[0], row[1]) if row else None
+
+    def prior_state(self, sop_uid: str) -> tuple[tuple[str, str] | None, StoredInstance | None]:
+        """What the write path checks before storing (one connection for both): the IOCM
+        rejection of this SOP Instance UID, and the instance stored under it."""
+        with self.engine.connect() as conn:
+            return self.rejection_of(sop_uid, conn), self.find_instance(sop_uid, conn)
 
     def clear(self) -> None:
         """Delete every row (``reindex`` rebuilds from the blobs). The outbox is kept."""

@@ -233,12 +233,11 @@ class Ingest:
                 if move:
                     path.unlink(missing_ok=True)
                 return self._result("rejection-applied", record)
-        rejection = self.index.rejection_of(record.sop_uid)
+        rejection, existing = self.index.prior_state(record.sop_uid)
         if rejection is not None:
             raise RejectedInstance(
                 f"SOP Instance {record.sop_uid} was rejected by note {rejection[1]} "
                 f"({REJECTION_TITLES.get(rejection[0], rejection[0])}); it is not stored again")
-        existing = self.index.find_instance(record.sop_uid)
         outcome: Outcome = "stored"
         if existing is not None:
             stored = self.storage.path_for(existing.blob_key)

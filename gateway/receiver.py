@@ -23,6 +23,7 @@ untouched (the request is only peeked at), to the full pynetdicom AE (see ``gate
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import select
@@ -45,7 +46,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from gateway import upper_layer
+from gateway import storage, upper_layer
 from gateway.errors import OutOfResources
 from gateway.upper_layer import (
     A_RELEASE_RP,
@@ -99,22 +100,46 @@ class ReceiveSink:
     _open: weakref.WeakValueDictionary[str, ReceiveSink] = weakref.WeakValueDictionary()
     directory: Path = Path(tempfile.gettempdir())
 
+    #: Bytes buffered before they are written out (and, with ``writeback``, their writeback
+    #: to disk is started, so the fsync before the acknowledgement has little left to do).
+    WRITEBACK_STEP = 256 * 1024
+    writeback = True
+    _names = itertools.count()
+
     def __init__(self, *_args: Any, **_kwargs: Any) -> None:
         self.error: OSError | None = None
         self.file = self  # pynetdicom calls .file.flush()
         self._handle: Any = None
+        self._written = 0
+        self._kicked = 0
         try:
-            fd, self.name = tempfile.mkstemp(dir=self.directory, suffix=".dcm")
-            self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
+            fd = self._create()
+            self._handle = os.fdopen(fd, "wb", buffering=self.WRITEBACK_STEP)
         except OSError as exc:
             self.error = exc
-            self.name = str(self.directory / f"unwritable-{id(self)}.dcm")
         ReceiveSink._open[self.name] = self
+
+    def _create(self) -> int:
+        """A new staging file named by process and a counter (cheaper than mkstemp's random
+        names); a name left over from an earlier process with the same id is skipped."""
+        for _ in range(1000):
+            self.name = os.path.join(self.directory, f"{os.getpid()}-{next(self._names)}.dcm")
+            try:
+                return os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free staging file name in {self.directory}")
 
     def write(self, data: bytes) -> int:
         if self._handle is not None:
             try:
                 self._handle.write(data)
+                self._written += len(data)
+                if self.writeback and self._written - self._kicked >= self.WRITEBACK_STEP:
+                    self._handle.flush()
+                    storage.start_writeback(self._handle.fileno(), self._kicked,
+                                            self._written - self._kicked)
+                    self._kicked = self._written
             except OSError as exc:
                 self._fail(exc)
         return len(data)

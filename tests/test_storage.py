@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,54 @@ def test_path_for_refuses_keys_that_are_not_instance_keys(tmp_path: Path) -> Non
     for key in ("../x.dcm", "1/2/../../../x.dcm", "/etc/passwd", "1.2/3.4/5.6.txt"):
         with pytest.raises(ValueError):
             storage.path_for(key)
+
+
+# -- the staging file a received data set streams into (gateway.receiver.ReceiveSink) --------
+
+
+def test_staging_files_are_unique_and_skip_leftovers(tmp_path, monkeypatch):
+    from gateway.receiver import ReceiveSink
+
+    monkeypatch.setattr(ReceiveSink, "directory", tmp_path)
+    first = ReceiveSink()
+    # A file left by an earlier process that had this process id: never reused or truncated.
+    leftover = tmp_path / f"{os.getpid()}-{int(first.name.rsplit('-', 1)[1][:-4]) + 1}.dcm"
+    leftover.write_bytes(b"earlier")
+    second = ReceiveSink()
+    assert first.name != second.name and Path(second.name) != leftover
+    assert leftover.read_bytes() == b"earlier"
+    for sink in (first, second):
+        sink.close()
+
+
+def test_a_received_data_set_is_written_whole_through_the_writeback_steps(tmp_path,
+                                                                          monkeypatch):
+    from gateway.receiver import ReceiveSink
+
+    monkeypatch.setattr(ReceiveSink, "directory", tmp_path)
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr("gateway.storage.start_writeback",
+                        lambda fd, offset, length: started.append((offset, length)))
+    payload = os.urandom(3 * ReceiveSink.WRITEBACK_STEP + 12345)
+    sink = ReceiveSink()
+    for start in range(0, len(payload), 16384):  # as PDVs arrive
+        sink.write(payload[start:start + 16384])
+    sink.finish()
+    sink.close()
+    assert Path(sink.name).read_bytes() == payload
+    # Writeback of each step began while later data was still arriving, contiguously.
+    assert len(started) == 3 and started[0][0] == 0
+    assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(started))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_start_writeback_uses_sync_file_range_on_linux(tmp_path):
+    from gateway import storage
+
+    assert storage._SYNC_FILE_RANGE is not None
+    path = tmp_path / "blob"
+    with open(path, "wb") as handle:
+        handle.write(b"x" * 100_000)
+        handle.flush()
+        storage.start_writeback(handle.fileno(), 0, 100_000)
+    assert path.stat().st_size == 100_000
