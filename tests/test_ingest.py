@@ -9,6 +9,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from sqlalchemy import event
 
 from gateway.bootstrap import build_services
 from gateway.config import load_settings
@@ -51,4 +52,58 @@ def test_concurrent_stores_are_all_indexed_and_one_failure_stays_alone(
     study = services.index.study_row(pydicom.dcmread(files[0]).StudyInstanceUID)
     assert study is not None and study["NumberOfStudyRelatedInstances"] == 23
     assert services.index.find_instance(doomed) is None
+    services.close()
+
+
+def test_rows_are_committed_only_after_their_blobs_are_durable_and_a_failed_fsync_stays_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No commit before the blobs it indexes are durable, and an instance whose blob could
+    not be made durable is refused (0xA700) and left unindexed, alone in its batch."""
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
+    services = build_services(settings)
+    files = fresh_copies(tmp_path, 12)
+    doomed = pydicom.dcmread(files[3], stop_before_pixels=True).SOPInstanceUID
+    storage, index = services.storage, services.index
+    durable: set[str] = set()
+    written: list[str] = []  # blob keys whose rows the open transaction holds
+    not_yet_durable_at_commit: list[str] = []
+    real_sync, real_upsert = storage.sync, index.upsert_instance
+
+    def slow_sync(keys: Any) -> dict[str, OutOfResources]:  # failure injection
+        keys = list(keys)
+        threading.Event().wait(0.05)  # a slow disk: more stores queue up meanwhile
+        failed = {k: OutOfResources("injected fsync failure") for k in keys if doomed in k}
+        failed.update(real_sync([k for k in keys if k not in failed]))
+        durable.update(k for k in keys if k not in failed)
+        return failed
+
+    def recording_upsert(conn: Any, record: Any, **kwargs: Any) -> None:
+        real_upsert(conn, record, **kwargs)
+        written.append(kwargs["blob_key"])
+
+    def on_commit(_conn: Any) -> None:
+        not_yet_durable_at_commit.extend(k for k in written if k not in durable)
+        written.clear()
+
+    monkeypatch.setattr(storage, "sync", slow_sync)
+    monkeypatch.setattr(index, "upsert_instance", recording_upsert)
+    event.listen(index.engine, "commit", on_commit)
+    event.listen(index.engine, "rollback", lambda _conn: written.clear())
+    outcomes: dict[Path, object] = {}
+
+    def store(path: Path) -> None:
+        try:
+            outcomes[path] = services.ingest.store_file(path, move=False, source="test")
+        except OutOfResources as exc:
+            outcomes[path] = exc
+
+    threads = [threading.Thread(target=store, args=(p,)) for p in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [p for p, o in outcomes.items() if isinstance(o, OutOfResources)] == [files[3]]
+    assert index.find_instance(doomed) is None
+    assert index.counts()["instances"] == 11
+    assert not_yet_durable_at_commit == []
     services.close()
