@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.data import get_charset_files, get_testdata_files
 
+from gateway import records
 from gateway.dimse import configure_pynetdicom
 from gateway.errors import InvalidInstance, StoreError
 from gateway.records import INTEGER_KEYWORDS, PN_KEYWORDS, normalize_pn, read_instance
@@ -71,3 +72,42 @@ def test_any_truncation_is_refused(path: Path, tmp_path: Path) -> None:
         short.write_bytes(data[: len(data) - cut])
         with pytest.raises(InvalidInstance):
             read_instance(short)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_simple_reader_gives_the_record_pydicoms_parser_gives(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Uncomplicated files (little endian, defined lengths) skip pydicom's parser; for every
+    sample file and for truncated copies the outcome must be the same either way."""
+    samples = list(FILES)
+    for path in [p for p in FILES if p.name in ("CT_small.dcm", "JPEG2000.dcm")]:
+        data = path.read_bytes()
+        for cut in (1, 9, 300):
+            short = tmp_path / f"{path.stem}-cut{cut}.dcm"
+            short.write_bytes(data[:len(data) - cut])
+            samples.append(short)
+        for number, tail in enumerate((b"\x01garbage", b"\x00\x00\x07", b"\x00" * 6)):
+            padded = tmp_path / f"{path.stem}-tail{number}.dcm"
+            padded.write_bytes(data + tail)
+            samples.append(padded)
+
+    def outcomes() -> dict[Path, object]:
+        found: dict[Path, object] = {}
+        for path in samples:
+            try:
+                found[path] = read_instance(path)
+            except StoreError as exc:
+                found[path] = type(exc)
+        return found
+
+    simple = outcomes()
+    used = 0
+    for path in samples:
+        with open(path, "rb") as handle:
+            try:
+                used += records._read_simple(handle) is not None
+            except StoreError:
+                used += 1
+    monkeypatch.setattr(records, "_read_simple", lambda handle: None)
+    assert outcomes() == simple
+    assert used > 150  # the fast path is the common one, not a rarity
