@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import pydicom
+from sqlalchemy.engine import Connection
 
 from gateway.errors import (
     DuplicateInstance,
@@ -161,17 +162,16 @@ class GroupCommit:
             return
         try:
             with self.index.write() as conn:
+                if len(ready) == 1:  # alone, the transaction is its savepoint: a failure
+                    self._upsert(conn, ready[0])  # rolls it back
+                    return
                 for number, pending in enumerate(ready):
                     savepoint = f"instance_{number}"
                     conn.exec_driver_sql(f"SAVEPOINT {savepoint}")
                     try:
-                        self.index.upsert_instance(conn, pending.record, blob_key=pending.key,
-                                                   blob_size=pending.size,
-                                                   source=pending.source)
-                    except Exception as exc:
+                        self._upsert(conn, pending)
+                    except Exception:
                         conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {savepoint}")
-                        log.exception("index row of %s not written", pending.record.sop_uid)
-                        pending.error = OutOfResources(f"index write failed: {exc}")
                     conn.exec_driver_sql(f"RELEASE SAVEPOINT {savepoint}")
         except StoreError as exc:
             for pending in ready:
@@ -179,6 +179,16 @@ class GroupCommit:
         except Exception as exc:
             for pending in ready:
                 pending.error = pending.error or OutOfResources(f"index unavailable: {exc}")
+
+
+    def _upsert(self, conn: Connection, pending: _Pending) -> None:
+        try:
+            self.index.upsert_instance(conn, pending.record, blob_key=pending.key,
+                                       blob_size=pending.size, source=pending.source)
+        except Exception as exc:
+            log.exception("index row of %s not written", pending.record.sop_uid)
+            pending.error = OutOfResources(f"index write failed: {exc}")
+            raise
 
 
 class Ingest:

@@ -107,3 +107,22 @@ def test_rows_are_committed_only_after_their_blobs_are_durable_and_a_failed_fsyn
     assert index.counts()["instances"] == 11
     assert not_yet_durable_at_commit == []
     services.close()
+
+
+def test_a_lone_store_whose_index_write_fails_leaves_no_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
+    services = build_services(settings)
+    (path,) = fresh_copies(tmp_path, 1)
+    upsert = services.index.upsert_instance
+
+    def half_written(conn: Any, record: Any, **kwargs: Any) -> None:  # failure injection
+        upsert(conn, record, **kwargs)  # the rows are written, then the write fails
+        raise RuntimeError("injected index failure")
+
+    monkeypatch.setattr(services.index, "upsert_instance", half_written)
+    with pytest.raises(OutOfResources, match="index write failed"):
+        services.ingest.store_file(path, move=False, source="test")
+    assert services.index.counts() == {"patients": 0, "studies": 0, "series": 0,
+                                       "instances": 0}
+    services.close()
