@@ -4,16 +4,19 @@ concrete class."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from fhir_maps import IdentifierSystems, MappingOptions
-from gateway.cohort import Cohorts
 from gateway.config import Settings
-from gateway.fhir_client import FhirClient
 from gateway.index import Index
 from gateway.ingest import Ingest
-from gateway.publisher import Publisher, PublishPolicy
 from gateway.storage import FileStorage
+
+if TYPE_CHECKING:  # imported where used: a receiver process needs only the write path
+    from fhir_maps import MappingOptions
+    from gateway.cohort import Cohorts
+    from gateway.fhir_client import FhirClient
+    from gateway.publisher import Publisher
 
 
 @dataclass
@@ -36,14 +39,24 @@ class Services:
         self.index.close()
 
 
-def build_services(settings: Settings, *, create_schema: bool = True) -> Services:
-    """Open storage and index (creating them if new) and wire the write path."""
+def build_write_path(settings: Settings, *,
+                     create_schema: bool = True) -> tuple[FileStorage, Index, Ingest]:
+    """Open storage and index (creating them if new) and wire the write path over them."""
     storage = FileStorage(settings.storage_path, fsync=settings.storage["fsync"])
     index = Index(settings.index_url, quiet_seconds=settings.publish["quiet_seconds"])
     if create_schema:
         index.create_schema()
     ingest = Ingest(storage, index, duplicate_policy=settings.storage["duplicate_policy"],
                     min_free_bytes=settings.storage["min_free_bytes"])
+    return storage, index, ingest
+
+
+def build_services(settings: Settings, *, create_schema: bool = True) -> Services:
+    """The write path, the FHIR client, cohorts and the publisher."""
+    from gateway.cohort import Cohorts
+    from gateway.fhir_client import FhirClient
+
+    storage, index, ingest = build_write_path(settings, create_schema=create_schema)
     client = FhirClient.from_settings({**settings.fhir, "scope": settings.fhir_scope})
     options = mapping_options(settings)
     cohorts = Cohorts(index, client, options,
@@ -55,6 +68,8 @@ def build_services(settings: Settings, *, create_schema: bool = True) -> Service
 
 def mapping_options(settings: Settings) -> MappingOptions:
     """What fhir_maps needs to know about this site (``[publish]``, ``[fhir]``, the URL)."""
+    from fhir_maps import IdentifierSystems, MappingOptions
+
     publish = settings.publish
     zone = publish["timezone"]
     return MappingOptions(
@@ -70,6 +85,8 @@ def mapping_options(settings: Settings) -> MappingOptions:
 def build_publisher(settings: Settings, index: Index,
                     client: FhirClient | None) -> Publisher | None:
     """The FHIR publisher, or None when ``fhir.base_url`` is not set (publishing off)."""
+    from gateway.publisher import Publisher, PublishPolicy
+
     if client is None:
         return None
     publish = settings.publish

@@ -22,19 +22,10 @@ from typing import Any
 from tqdm import tqdm
 
 from gateway.bootstrap import Services, build_services
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, load_settings, setup_logging
 from gateway.errors import ConfigError, StoreError
 
 log = logging.getLogger("gateway")
-
-
-def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=getattr(logging, settings.log["level"].upper()),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -68,9 +59,9 @@ def serve(settings: Settings) -> int:
         log.info("removed %d unacknowledged partial receptions from staging", leftovers)
     node = DimseNode(settings, services.ingest, services.cohorts)
     pool: ReceiverPool | None = None
-    if settings.dimse["workers"] > 1:
+    if settings.dimse_workers > 1:
         try:
-            pool = ReceiverPool(settings, settings.dimse["workers"] - 1,
+            pool = ReceiverPool(settings, settings.dimse_workers - 1,
                                 local_load=lambda: len(receiver.active_associations()))
         except RuntimeError as exc:
             log.error("%s", exc)
@@ -90,7 +81,7 @@ def serve(settings: Settings) -> int:
     http_thread.start()
     log.info("imaging-gateway ready: DICOM %s@%s (%d receiver process(es)), HTTP %s:%s, "
              "DICOMweb %s", settings.dimse["ae_title"], dimse_address,
-             settings.dimse["workers"], settings.http["host"], http.server_port,
+             settings.dimse_workers, settings.http["host"], http.server_port,
              settings.dicomweb_url)
     signame = _wait_for_signal()
     log.info("%s received: draining", signame)

@@ -10,8 +10,10 @@ table there and :data:`SCHEMA` agree.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -235,10 +237,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Maximum PDU length the gateway advertises for receiving, in bytes (0 = unlimited).",
         ),
         "workers": Key(
-            _positive, 1,
-            "Processes serving DICOM associations, the main one included: the main process "
-            "accepts each association and hands it to the least busy one "
-            "(`gateway/workers.py`); 1 = the main process alone.",
+            _non_negative, 0,
+            "Processes serving DICOM storage associations, the main one included: the main "
+            "process accepts each association and hands a storage one to the least busy "
+            "(`gateway/workers.py`); 1 = the main process alone; 0 = one per CPU core, at "
+            "most 4.",
         ),
         "lean_upper_layer": Key(
             _boolean, True,
@@ -533,6 +536,12 @@ class Settings:
         return scope
 
     @property
+    def dimse_workers(self) -> int:
+        """``dimse.workers`` with 0 (automatic) resolved: one per CPU core, at most 4."""
+        workers: int = self.dimse["workers"]
+        return workers or max(1, min(4, os.cpu_count() or 1))
+
+    @property
     def dicomweb_url(self) -> str:
         """Base URL of the DICOMweb service (PS3.18 service base, no trailing slash)."""
         return f"{self.public_url}/dicomweb"
@@ -703,3 +712,13 @@ def _resolve_fhir(fhir: dict[str, Any]) -> None:
         raise ConfigError(f"fhir.algorithm: {fhir['algorithm']} does not fit the key in "
                           f"{key_source}, which signs with {fitting}")
     fhir["algorithm"] = fitting
+
+
+def setup_logging(settings: Settings) -> None:
+    """Log lines to stderr at ``log.level``, each naming its process (main or receiver)."""
+    logging.basicConfig(
+        level=getattr(logging, settings.log["level"].upper()),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )

@@ -19,34 +19,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway import commitment, qr, qr_lean, reactor, receiver
 from gateway.cohort import Cohorts, cohort_of_ae_title
 from gateway.config import Settings
-from gateway.errors import StoreError
 from gateway.ingest import Ingest
 
 log = logging.getLogger("gateway.dimse")
 
-_EXPLICIT_LE, _DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE = (
-    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
-
-#: Every transfer syntax pydicom knows (stored byte-exact, so none needs a codec here), in the
-#: order the gateway prefers when a presentation context offers several (pynetdicom picks the
-#: acceptor's first match): Explicit VR Little Endian; then the compressed syntaxes, so a sender
-#: holding compressed pixels can send them as they are; Deflate, Big Endian and Implicit VR last.
-TRANSFER_SYNTAXES = [_EXPLICIT_LE] + [
-    str(uid) for uid in AllTransferSyntaxes
-    if str(uid) not in (_EXPLICIT_LE, _DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE)
-] + [_DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE]
+_EXPLICIT_LE, _IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
 
 def configure_pynetdicom() -> None:
@@ -117,8 +103,8 @@ class DimseNode:
         configure_pynetdicom()
         # Received data sets land in the storage's staging area, so moving them into place is
         # a rename, not a copy.
-        receiver.ReceiveSink.directory = ingest.storage.staging_dir()
-        receiver.ReceiveSink.writeback = ingest.storage.fsync
+        receiver.ReceiveSink.stage_into(ingest.storage)
+        self.store = receiver.storing_into(ingest)
         self.ae = self._make_ae()
         dimse = settings.dimse
         self.lean_upper_layer = dimse["lean_upper_layer"]
@@ -131,29 +117,16 @@ class DimseNode:
         self.commitment = commitment.CommitmentSCP(
             ingest.index, ingest.storage, settings.peers, ae=self.ae,
             ae_title=dimse["ae_title"],
-            storage_classes={str(cx.abstract_syntax) for cx in AllStoragePresentationContexts},
+            storage_classes=set(receiver.STORAGE_CLASSES),
             report_delay=dimse["commitment_report_delay"])
         self.ae.add_supported_context(commitment.SOP_CLASS, [_EXPLICIT_LE, _IMPLICIT_LE])
         #: What only pynetdicom serves: an association proposing it goes there.
         self._pynetdicom_only = {commitment.SOP_CLASS}
-        # C-GET: the requester proposes the storage classes with itself as SCP (role
-        # selection, PS3.7 D.3.3.4); accepting both roles keeps plain C-STORE working too.
-        storage = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
-        for context in self.ae.supported_contexts:
-            if str(context.abstract_syntax) in storage:
-                context.scu_role = True
-                context.scp_role = True
-        self.policy = receiver.Policy(
-            ae_title=dimse["ae_title"],
-            supported_contexts=[cx for cx in self.ae.supported_contexts
-                                if str(cx.abstract_syntax) not in self._pynetdicom_only],
-            allowed_callers=dimse["allowed_callers"],
-            check_called_ae=dimse["check_called_ae"],
-            max_pdu=dimse["max_pdu"],
-            network_timeout=dimse["network_timeout"],
+        self.policy = receiver.Policy.of(
+            dimse, [cx for cx in self.ae.supported_contexts
+                    if str(cx.abstract_syntax) not in self._pynetdicom_only],
             maximum_associations=self.ae.maximum_associations,
-            also_called=lambda called: self.cohort_of(called) is not None,
-        )
+            also_called=lambda called: self.cohort_of(called) is not None)
         self.lean_qr = qr_lean.LeanQueryRetrieve(
             self.qr, network_timeout=dimse["network_timeout"], max_pdu=dimse["max_pdu"])
 
@@ -169,9 +142,9 @@ class DimseNode:
         ae.require_called_aet = False
         if dimse["allowed_callers"] is not None:
             ae.require_calling_aet = list(dimse["allowed_callers"])
-        ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+        for context in receiver.storage_contexts():  # Verification and every Storage class
+            ae.add_supported_context(str(context.abstract_syntax), context.transfer_syntax,
+                                     scu_role=context.scu_role, scp_role=context.scp_role)
         return ae
 
     def handlers(self) -> list[Any]:
@@ -241,7 +214,8 @@ class DimseNode:
             return True
         if not self.lean_upper_layer or not receiver.lean_serves(request, self._pynetdicom_only):
             return False
-        if self.hand_off is not None and self.hand_off(sock, address):
+        if (self.hand_off is not None and receiver.storage_only(request)
+                and self.hand_off(sock, address)):
             return True  # served by a receiver process (gateway.workers)
         self.serve_lean(sock, address)
         return True
@@ -274,27 +248,6 @@ class DimseNode:
     # -- handlers --------------------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
-
-    def store(self, path: Path, sop_class: str, sop_uid: str, calling: str) -> tuple[int, str]:
-        """Store one received data set; returns the C-STORE status and, for failures, an
-        error comment. Shared by the lean receiver and the pynetdicom handler."""
-        try:
-            sink = receiver.ReceiveSink.for_path(path)
-            if sink is not None:
-                sink.finish()  # flush; a write that failed while receiving is 0xA700 here
-            result = self.ingest.store_file(path, move=True, expected_sop_class=sop_class,
-                                            expected_sop_uid=sop_uid, source=calling)
-        except StoreError as exc:
-            log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
-                        exc.status, sop_uid, exc)
-            return exc.status, str(exc)
-        except Exception:
-            log.exception("C-STORE from %s: unexpected error storing SOP Instance %s", calling,
-                          sop_uid)
-            return 0xA700, "internal error; please retry"  # the sender keeps it and retries
-        log.debug("C-STORE from %s %s study %s sop %s", calling, result.outcome,
-                  result.study_uid, result.sop_uid)
-        return 0x0000, ""
 
     def _on_store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title

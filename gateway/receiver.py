@@ -33,21 +33,26 @@ import tempfile
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import UID
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.presentation import (
+    AllStoragePresentationContexts,
+    PresentationContext,
+    build_context,
+    negotiate_as_acceptor,
+)
 
 from gateway import storage, upper_layer
-from gateway.errors import OutOfResources
+from gateway.errors import OutOfResources, StoreError
 from gateway.upper_layer import (
     A_RELEASE_RP,
     AFFECTED_SOP_CLASS,
@@ -80,6 +85,66 @@ from gateway.upper_layer import (
 log = logging.getLogger("gateway.dimse")
 
 VERIFICATION = "1.2.840.10008.1.1"
+_EXPLICIT_LE, _DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE = (
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
+
+#: Every transfer syntax pydicom knows (stored byte-exact, so none needs a codec here), in the
+#: order the gateway prefers when a presentation context offers several (the acceptor's first
+#: match wins): Explicit VR Little Endian; then the compressed syntaxes, so a sender holding
+#: compressed pixels can send them as they are; Deflate, Big Endian and Implicit VR last.
+TRANSFER_SYNTAXES = [_EXPLICIT_LE] + [
+    str(uid) for uid in AllTransferSyntaxes
+    if str(uid) not in (_EXPLICIT_LE, _DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE)
+] + [_DEFLATED, _BIG_ENDIAN, _IMPLICIT_LE]
+#: Every Storage SOP Class pynetdicom knows.
+STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """The presentation contexts of a receiver: Verification, and every Storage SOP Class in
+    every transfer syntax. Storage accepts both roles: a C-GET requester proposes them with
+    itself as SCP (role selection, PS3.7 D.3.3.4), a plain sender as SCU."""
+    contexts = [build_context(VERIFICATION, TRANSFER_SYNTAXES)]
+    for uid in sorted(STORAGE_CLASSES):
+        context = build_context(uid, TRANSFER_SYNTAXES)
+        context.scu_role = context.scp_role = True
+        contexts.append(context)
+    return contexts
+
+
+def storage_only(rq: A_ASSOCIATE) -> bool:
+    """True when the request proposes nothing but Verification and Storage (what a receiver
+    process serves; see :mod:`gateway.workers`)."""
+    return all(str(cx.abstract_syntax) in STORAGE_CLASSES
+               or str(cx.abstract_syntax) == VERIFICATION
+               for cx in rq.presentation_context_definition_list)
+
+
+def storing_into(ingest: Any) -> StoreHandler:
+    """The C-STORE handler over the write path (:meth:`gateway.ingest.Ingest.store_file`):
+    the status and, for failures, an error comment. Shared by the lean Upper Layer and the
+    pynetdicom handler."""
+
+    def store(path: Path, sop_class: str, sop_uid: str, calling: str) -> tuple[int, str]:
+        try:
+            sink = ReceiveSink.for_path(path)
+            if sink is not None:
+                sink.finish()  # flush; a write that failed while receiving is 0xA700 here
+            result = ingest.store_file(path, move=True, expected_sop_class=sop_class,
+                                       expected_sop_uid=sop_uid, source=calling)
+        except StoreError as exc:
+            log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
+                        exc.status, sop_uid, exc)
+            return exc.status, str(exc)
+        except Exception:
+            log.exception("C-STORE from %s: unexpected error storing SOP Instance %s",
+                          calling, sop_uid)
+            return 0xA700, "internal error; please retry"  # the sender keeps it and retries
+        log.debug("C-STORE from %s %s study %s sop %s", calling, result.outcome,
+                  result.study_uid, result.sop_uid)
+        return 0x0000, ""
+
+    return store
 
 #: handler(path, sop_class_uid, sop_instance_uid, calling_ae) -> (status, error_comment)
 StoreHandler = Callable[[Path, str, str, str], tuple[int, str]]
@@ -184,6 +249,13 @@ class ReceiveSink:
                 pass
 
     @classmethod
+    def stage_into(cls, storage: Any) -> None:
+        """Received data sets land in ``storage``'s staging area (so moving one into place is
+        a rename, not a copy); their writeback starts early when the storage fsyncs."""
+        cls.directory = storage.staging_dir()
+        cls.writeback = storage.fsync
+
+    @classmethod
     def for_path(cls, path: Path | str) -> ReceiveSink | None:
         return cls._open.get(str(path))
 
@@ -202,6 +274,17 @@ class Policy:
     maximum_associations: int = 64
     #: Called AE titles accepted besides ``ae_title`` (a cohort's), when given.
     also_called: Callable[[str], bool] | None = None
+
+    @classmethod
+    def of(cls, dimse: Mapping[str, Any], contexts: list[PresentationContext],
+           **changes: Any) -> Policy:
+        """The policy the ``[dimse]`` settings describe, serving ``contexts``."""
+        fields: dict[str, Any] = {
+            "ae_title": dimse["ae_title"], "supported_contexts": contexts,
+            "allowed_callers": dimse["allowed_callers"],
+            "check_called_ae": dimse["check_called_ae"], "max_pdu": dimse["max_pdu"],
+            "network_timeout": dimse["network_timeout"]}
+        return cls(**{**fields, **changes})
 
 
 def lean_serves(rq: A_ASSOCIATE, elsewhere: set[str]) -> bool:

@@ -1,25 +1,30 @@
-"""Receiver processes (``dimse.workers`` > 1): more than one core for DICOM associations.
+"""Receiver processes (``dimse.workers`` > 1): more than one core for DICOM storage.
 
 Python runs one thread at a time per process, so one process serves at most about one core's
 worth of associations. With ``dimse.workers = N`` the gateway runs N - 1 receiver processes
 beside the main one. The main process still accepts every connection and routes it
-(:meth:`gateway.dimse.DimseNode._route`); an association the lean Upper Layer serves goes to
-whichever process, the main one included, has the fewest associations open: its socket is
-passed over a UNIX socket pair (``SCM_RIGHTS``), untouched (the A-ASSOCIATE-RQ is still
-unread), and the receiving process serves it exactly as the main one would. Every process
-writes the one index (writers queue across processes, see ``gateway.index``) and the one
-storage, through the same write path.
+(:meth:`gateway.dimse.DimseNode._route`); a storage association (nothing proposed but
+Verification and Storage SOP classes) goes to whichever process, the main one included, has
+the fewest associations open: its socket is passed over a UNIX socket pair (``SCM_RIGHTS``),
+untouched (the A-ASSOCIATE-RQ is still unread, the called AE title already checked), and the
+receiving process serves it with the lean Upper Layer exactly as the main one would. Every
+process writes the one index (writers queue across processes, see ``gateway.index``) and the
+one storage, through the same write path. Query/retrieve and Storage Commitment stay in the
+main process, so a receiver process loads only the write path (less memory per process).
 
 Why hand sockets over instead of letting each process accept on a shared port
 (``SO_REUSEPORT``): the kernel spreads connections by a hash of their addresses, so four
 associations from one modality could all land on the same process; the least-busy choice
 spreads them evenly.
 
-The control protocol on each socket pair (``SOCK_SEQPACKET``: one message per packet): the
-parent sends ``A`` + JSON address with the socket attached, or ``S`` to stop (finish open
-associations, then exit); the worker answers ``D`` for each association ended. A worker that
-reads end-of-file (the main process died) aborts its associations and exits, so no receiver
-outlives the gateway.
+A receiver process is ``python -m gateway.workers NAME FD`` (started with ``subprocess``, not
+``multiprocessing``, whose spawn start method adds a resource-tracker process). The control
+protocol on its socket pair (``SOCK_SEQPACKET``: one message per packet): the parent sends the
+pickled :class:`~gateway.config.Settings`; the worker answers ``R`` once its write path is
+open; then the parent sends ``A`` + JSON address with the socket attached, or ``S`` to stop
+(finish open associations, then exit); the worker answers ``D`` for each association ended.
+A worker that reads end-of-file (the main process died) aborts its associations and exits,
+so no receiver outlives the gateway.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
+import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import Settings
+from gateway.config import Settings, setup_logging
 
 log = logging.getLogger("gateway.workers")
 
@@ -59,23 +66,26 @@ class ReceiverPool:
         self._lock = threading.Lock()
         self._turn = 0
         self.workers: list[_Worker] = []
-        spawn = multiprocessing.get_context("spawn")
         for number in range(count):
+            name = f"dimse-{number + 1}"
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            ready = spawn.Event()
-            process = spawn.Process(target=_worker_main, args=(settings, child, ready),
-                                    name=f"dimse-{number + 1}", daemon=False)
-            process.start()
+            process = subprocess.Popen([sys.executable, "-m", "gateway.workers", name,
+                                        str(child.fileno())], pass_fds=[child.fileno()])
             child.close()
-            worker = _Worker(f"dimse-{number + 1}", process, parent)
+            worker = _Worker(name, process, parent)
             self.workers.append(worker)
-            while not ready.wait(0.5):
-                if not process.is_alive():
-                    self.stop(0)
-                    raise RuntimeError(f"receiver process {worker.name} exited with "
-                                       f"{process.exitcode} during start-up")
+            reply = b""
+            with contextlib.suppress(OSError):
+                parent.sendall(pickle.dumps(settings))
+                parent.settimeout(_START_TIMEOUT)
+                reply = parent.recv(16)
+                parent.settimeout(None)
+            if reply != b"R":
+                self.stop(0)
+                raise RuntimeError(f"receiver process {name} did not start (exit code "
+                                   f"{process.poll()}); see its log lines above")
             threading.Thread(target=self._listen, args=(worker,), daemon=True,
-                             name=f"{worker.name}-control").start()
+                             name=f"{name}-control").start()
 
     def _listen(self, worker: _Worker) -> None:
         """Count the associations ``worker`` reports ended; notice when it dies."""
@@ -88,9 +98,9 @@ class ReceiverPool:
                 with self._lock:
                     worker.alive = False
                     worker.open = 0
-                if worker.process.exitcode not in (None, 0):
+                if worker.process.poll() not in (None, 0):
                     log.error("receiver process %s exited with %s", worker.name,
-                              worker.process.exitcode)
+                              worker.process.returncode)
                 return
             with self._lock:
                 worker.open = max(0, worker.open - 1)
@@ -130,35 +140,49 @@ class ReceiverPool:
                 worker.control.sendall(b"S")
         deadline = time.monotonic() + drain_seconds + 10
         for worker in self.workers:
-            worker.process.join(max(0.1, deadline - time.monotonic()))
-            if worker.process.is_alive():
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 log.warning("receiver process %s still running; terminating it", worker.name)
                 worker.process.terminate()
-                worker.process.join(5)
+                try:
+                    worker.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    worker.process.kill()
+                    worker.process.wait()
             worker.control.close()
 
 
-def _worker_main(settings: Settings, control: socket.socket, ready: Any) -> None:
-    """A receiver process: serve each association handed over until told to stop."""
-    from gateway import receiver
-    from gateway.bootstrap import build_services
-    from gateway.cli import setup_logging
-    from gateway.dimse import DimseNode
+_START_TIMEOUT = 60.0
 
+
+def _worker_main(name: str, control: socket.socket) -> None:
+    """A receiver process: serve each storage association handed over until told to stop."""
+    import multiprocessing
+
+    multiprocessing.current_process().name = name  # %(processName)s in its log lines
+    settings: Settings = pickle.loads(control.recv(1 << 20))  # from our own parent
     setup_logging(settings)
-    services = build_services(settings, create_schema=False)
-    node = DimseNode(settings, services.ingest, services.cohorts)
+    from gateway import receiver
+    from gateway.bootstrap import build_write_path
+
+    storage, index, ingest = build_write_path(settings, create_schema=False)
+    receiver.ReceiveSink.stage_into(storage)
+    # The main process has checked the called AE title (ours or a cohort's) before handing over.
+    policy = receiver.Policy.of(settings.dimse, receiver.storage_contexts(),
+                                check_called_ae=False)
+    store = receiver.storing_into(ingest)
     send_lock = threading.Lock()
     threads: list[threading.Thread] = []
 
     def serve(sock: socket.socket, address: tuple[str, int]) -> None:
         try:
-            node.serve_lean(sock, address)
+            receiver.serve_association(sock, address, policy, store)
         finally:
             with contextlib.suppress(OSError), send_lock:
                 control.sendall(b"D")
 
-    ready.set()
+    control.sendall(b"R")
     while True:
         try:
             message, fds, _flags, _addr = socket.recv_fds(control, 4096, 1)
@@ -186,4 +210,8 @@ def _worker_main(settings: Settings, control: socket.socket, ready: Any) -> None
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     receiver.abort_all()
-    services.close()
+    index.close()
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1], socket.socket(fileno=int(sys.argv[2])))

@@ -142,7 +142,7 @@ BAD_FILES = [
     ("dimse.allowed_callers", "[dimse]\nallowed_callers = 5"),
     ("dimse.check_called_ae", '[dimse]\ncheck_called_ae = "maybe"'),
     ("dimse.max_pdu", "[dimse]\nmax_pdu = -1"),
-    ("dimse.workers", "[dimse]\nworkers = 0"),
+    ("dimse.workers", "[dimse]\nworkers = -1"),
     ("dimse.network_timeout", "[dimse]\nnetwork_timeout = true"),
     ("http.port", "[http]\nport = -1"),
     ("http.public_url", '[http]\npublic_url = "ftp://files.example.org"'),
@@ -373,3 +373,9 @@ def test_a_bad_fhir_setting_names_its_key_in_one_line(
     assert re.match(rf"{re.escape(key)}\b", message), message
     assert "\n" not in message
     assert "BEGIN" not in message and "s3cret" not in message
+
+
+def test_dimse_workers_default_to_one_process_per_core_up_to_four() -> None:
+    assert load_settings(environ={}).dimse_workers == max(1, min(4, os.cpu_count() or 1))
+    assert load_settings(environ={"GATEWAY_DIMSE_WORKERS": "3"}).dimse_workers == 3
+    assert load_settings(environ={"GATEWAY_DIMSE_WORKERS": "1"}).dimse_workers == 1

@@ -444,3 +444,25 @@ def test_sigterm_lets_an_association_in_progress_finish(make_gateway: object,
         sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         assert stored_path(gw.data, sop) is not None and _index_has(gw, sop)
     assert "draining" in gw.log
+
+
+def test_only_storage_associations_go_to_receiver_processes() -> None:
+    """A receiver process loads only the write path: associations proposing anything besides
+    Verification and Storage (query/retrieve, Storage Commitment) stay in the main process."""
+    from pynetdicom import build_context
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from gateway import receiver
+
+    def request(*sop_classes: str) -> A_ASSOCIATE:
+        rq = A_ASSOCIATE()
+        rq.presentation_context_definition_list = [build_context(uid) for uid in sop_classes]
+        for number, context in enumerate(rq.presentation_context_definition_list):
+            context.context_id = 2 * number + 1
+        return rq
+
+    assert receiver.storage_only(request(CTImageStorage, MRImageStorage, Verification))
+    assert not receiver.storage_only(
+        request(CTImageStorage, StudyRootQueryRetrieveInformationModelFind))
+    assert not receiver.storage_only(request(CTImageStorage, "1.2.840.10008.1.20.1"))
