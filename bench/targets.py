@@ -316,7 +316,7 @@ class GatewayTarget(Target):
     """imaging-gateway itself (``imaging-gateway serve --config``), possibly with workers."""
 
     name = "gateway"
-    description = "imaging-gateway (this project)"
+    description = "imaging-gateway (this project; default configuration: one process per core)"
     aet = "IMAGING_GW"
     uses_http = True
     output_dir: ClassVar[str | None] = "data"  # the [storage] path
@@ -377,16 +377,16 @@ class GatewayTarget(Target):
 
 
 class GatewayWorkersTarget(GatewayTarget):
-    """The gateway with ``dimse.workers = 2``: the main process hands associations to the
-    least busy of itself and one receiver process (ingest only; query/retrieve is measured on
+    """The gateway with ``dimse.workers = 1``: one process serves every association (the
+    default runs one process per core; ingest only, query/retrieve is measured on
     ``gateway``)."""
 
-    name = "gateway-2p"
-    description = "imaging-gateway, dimse.workers = 2 (two receiver processes)"
+    name = "gateway-1p"
+    description = "imaging-gateway, dimse.workers = 1 (the main process alone)"
     serves_qr = False
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "GATEWAY_DIMSE_WORKERS": "2"}
+        return {**os.environ, "GATEWAY_DIMSE_WORKERS": "1"}
 
 
 TARGETS: dict[str, Target] = {
