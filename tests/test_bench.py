@@ -41,7 +41,7 @@ def test_quick_benchmark_runs_every_measure_against_the_gateway(tmp_path: Path) 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = out.read_text()
     ingest = _section(report, "C-STORE ingest")
-    assert "| gateway: imaging-gateway (this project) |" in ingest
+    assert "| gateway: imaging-gateway (this project; default configuration" in ingest
     assert "ratio to storescp" in ingest
     rows = [line for line in ingest.splitlines()
             if line.startswith(("| gateway:", "| storescp:"))]

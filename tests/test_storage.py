@@ -104,6 +104,7 @@ def test_a_received_data_set_is_written_whole_through_the_writeback_steps(tmp_pa
     from gateway.receiver import ReceiveSink
 
     monkeypatch.setattr(ReceiveSink, "directory", tmp_path)
+    monkeypatch.setattr(ReceiveSink, "writeback", True)  # as over a storage that fsyncs
     started: list[tuple[int, int]] = []
     monkeypatch.setattr("gateway.storage.start_writeback",
                         lambda fd, offset, length: started.append((offset, length)))
