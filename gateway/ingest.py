@@ -20,6 +20,7 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,7 @@ class Ingest:
         self._check_space()
         # In place but not yet durable; a new instance has no index row naming it yet.
         self.storage.put_file(key, path, move=move, durable=False)
-        size = self.storage.path_for(key).stat().st_size
+        size = os.path.getsize(self.storage.file_of(key))
         self._group.commit(_Pending(record, key, size, source))
         if existing is not None and existing.blob_key != key:
             self.storage.delete(existing.blob_key)

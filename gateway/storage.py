@@ -56,7 +56,9 @@ class FileStorage:
         self.root = root.resolve()
         self.fsync = fsync
         self._staging = self.root / ".staging"
-        self._durable_dirs: set[Path] = set()
+        self._root = str(self.root)
+        #: Directories known to exist durably (as strings: the store path avoids pathlib).
+        self._durable_dirs: set[str] = set()
         self._lock = threading.Lock()
         try:
             self._staging.mkdir(parents=True, exist_ok=True)
@@ -68,18 +70,23 @@ class FileStorage:
         """The file of ``key``; raises ``ValueError`` for a key that is not an instance key."""
         # The pattern admits only digits and single dots between '/', so the joined path
         # cannot leave the root (tests/test_storage.py checks this for any string).
+        return Path(self.file_of(key))
+
+    def file_of(self, key: str) -> str:
+        """:meth:`path_for` as a string (the per-instance store path avoids pathlib)."""
         if not _KEY_RE.match(key) or max(len(part) for part in key.split("/")) > 68:
             raise ValueError(f"not a storage key: {key[:200]!r}")
-        return self.root / key
+        return f"{self._root}/{key}"
 
     def staging_dir(self) -> Path:
         return self._staging
 
     # -- writes ----------------------------------------------------------------------------------
-    def put_file(self, key: str, source: Path, *, move: bool, durable: bool = True) -> None:
+    def put_file(self, key: str, source: Path | str, *, move: bool,
+                 durable: bool = True) -> None:
         """Store ``source`` under ``key``. With ``durable=False`` the caller makes it durable
         later with :meth:`sync` (several blobs at once) before it relies on it."""
-        target = self.path_for(key)
+        target = self.file_of(key)
         sync = self.fsync and durable
         try:
             if move:
@@ -99,15 +106,15 @@ class FileStorage:
         failed: dict[str, OutOfResources] = {}
         if not self.fsync:
             return failed
-        directories: dict[Path, list[str]] = {}
+        directories: dict[str, list[str]] = {}
         for key in keys:
-            path = self.path_for(key)
+            path = self.file_of(key)
             try:
                 _fsync_path(path)
             except OSError as exc:
                 failed[key] = _resource_error(exc, f"syncing {key}")
                 continue
-            directories.setdefault(path.parent, []).append(key)
+            directories.setdefault(os.path.dirname(path), []).append(key)
         for directory, members in directories.items():
             try:
                 _fsync_dir(directory)
@@ -116,7 +123,7 @@ class FileStorage:
                     failed[key] = _resource_error(exc, f"syncing {directory}")
         return failed
 
-    def _write_stream(self, target: Path, chunks: Iterable[bytes], *,
+    def _write_stream(self, target: str, chunks: Iterable[bytes], *,
                       sync: bool = True) -> None:
         fd, tmp_name = tempfile.mkstemp(dir=self._staging, suffix=".part")
         tmp = Path(tmp_name)
@@ -132,22 +139,22 @@ class FileStorage:
             tmp.unlink(missing_ok=True)
             raise
 
-    def _place(self, tmp: Path, target: Path, *, sync: bool = True) -> None:
+    def _place(self, tmp: Path | str, target: str, *, sync: bool = True) -> None:
         """Rename a complete file into place and (``sync``) make the rename durable."""
-        directory = target.parent
+        directory = os.path.dirname(target)
         if directory not in self._durable_dirs:
             self._make_dirs(directory)
         os.replace(tmp, target)
         if self.fsync and sync:
             _fsync_dir(directory)
 
-    def _make_dirs(self, directory: Path) -> None:
+    def _make_dirs(self, directory: str) -> None:
         created: list[Path] = []
-        probe = directory
+        probe = Path(directory)
         while not probe.exists():
             created.append(probe)
             probe = probe.parent
-        directory.mkdir(parents=True, exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
         if self.fsync:
             for made in created:
                 _fsync_dir(made.parent)
@@ -172,7 +179,7 @@ class FileStorage:
             except OSError:
                 break
             with self._lock:
-                self._durable_dirs.discard(directory)
+                self._durable_dirs.discard(str(directory))
 
     def keys(self) -> Iterator[str]:
         """Every stored key, in a stable order (used by ``reindex``)."""
@@ -226,7 +233,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -234,7 +241,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
