@@ -18,6 +18,24 @@ from gateway.errors import OutOfResources
 from samples import fresh_copies
 
 
+def _store_concurrently(services: Any, files: list[Path]) -> dict[Path, object]:
+    """Store every file at once, one thread each: the result or the OutOfResources raised."""
+    outcomes: dict[Path, object] = {}
+
+    def store(path: Path) -> None:
+        try:
+            outcomes[path] = services.ingest.store_file(path, move=False, source="test")
+        except OutOfResources as exc:
+            outcomes[path] = exc
+
+    threads = [threading.Thread(target=store, args=(p,)) for p in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
+
+
 def test_concurrent_stores_are_all_indexed_and_one_failure_stays_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
@@ -32,19 +50,7 @@ def test_concurrent_stores_are_all_indexed_and_one_failure_stays_alone(
         upsert(conn, record, **kwargs)
 
     monkeypatch.setattr(services.index, "upsert_instance", failing_upsert)
-    outcomes: dict[Path, object] = {}
-
-    def store(path: Path) -> None:
-        try:
-            outcomes[path] = services.ingest.store_file(path, move=False, source="test")
-        except OutOfResources as exc:
-            outcomes[path] = exc
-
-    threads = [threading.Thread(target=store, args=(p,)) for p in files]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    outcomes = _store_concurrently(services, files)
     failed = [p for p, o in outcomes.items() if isinstance(o, OutOfResources)]
     assert failed == [files[5]]
     counts = services.index.counts()
@@ -89,19 +95,7 @@ def test_rows_are_committed_only_after_their_blobs_are_durable_and_a_failed_fsyn
     monkeypatch.setattr(index, "upsert_instance", recording_upsert)
     event.listen(index.engine, "commit", on_commit)
     event.listen(index.engine, "rollback", lambda _conn: written.clear())
-    outcomes: dict[Path, object] = {}
-
-    def store(path: Path) -> None:
-        try:
-            outcomes[path] = services.ingest.store_file(path, move=False, source="test")
-        except OutOfResources as exc:
-            outcomes[path] = exc
-
-    threads = [threading.Thread(target=store, args=(p,)) for p in files]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    outcomes = _store_concurrently(services, files)
     assert [p for p, o in outcomes.items() if isinstance(o, OutOfResources)] == [files[3]]
     assert index.find_instance(doomed) is None
     assert index.counts()["instances"] == 11
