@@ -376,7 +376,7 @@ class GatewayTarget(Target):
         return int(status["counts"]["instances"])
 
 
-class GatewayWorkersTarget(GatewayTarget):
+class GatewaySingleProcessTarget(GatewayTarget):
     """The gateway with ``dimse.workers = 1``: one process serves every association (the
     default runs one process per core; ingest only, query/retrieve is measured on
     ``gateway``)."""
@@ -393,7 +393,7 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         GatewayTarget(),
-        GatewayWorkersTarget(),
+        GatewaySingleProcessTarget(),
         StorescpTarget(),
         StorescpIgnoreTarget(),
         OrthancTarget(),

@@ -284,8 +284,7 @@ _VRS_ON_WIRE = {vr.encode() for vr in (
     "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
     "UR", "US", "UT", "UV")}
 _WANTED_SET = frozenset(_WANTED_TAGS)
-_IMPLICIT_LE, _EXPLICIT_LE, _BIG_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
-                                           "1.2.840.10008.1.2.2")
+_IMPLICIT_LE, _BIG_ENDIAN = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 _PIXEL_DATA = 0x7FE00010
 _ITEM_TAGS = {0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD}
 _UNDEFINED = 0xFFFFFFFF
