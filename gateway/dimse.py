@@ -14,6 +14,7 @@ is rejected (A-ASSOCIATE-RJ, permanent, "called/calling AE title not recognised"
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -82,7 +83,14 @@ class GatewayAssociationServer(ThreadedAssociationServer):
         thread.start()
 
     def _route(self, request: Any, client_address: Any) -> None:
-        if self.route is not None and self.route(request, client_address):
+        try:
+            if self.route is not None and self.route(request, client_address):
+                return
+        except Exception:  # never leave a requestor waiting on a socket nobody serves
+            log.exception("association from %s:%s could not be routed; closing it",
+                          *client_address[:2])
+            with contextlib.suppress(OSError):
+                request.close()
             return
         request.settimeout(None)
         self.process_request_thread(request, client_address)  # pynetdicom's own handling

@@ -222,7 +222,8 @@ def test_wrong_called_ae_title_is_rejected(gateway: GatewayProcess) -> None:
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title="SOMEONE_ELSE")
-    assert assoc.is_rejected
+    assert assoc.is_rejected, (f"not rejected (aborted: {assoc.is_aborted}); gateway log:\n"
+                               f"{gateway.log[-3000:]}")
     assert assoc.acceptor.primitive.diagnostic == 7  # called AE title not recognised
 
 
@@ -466,3 +467,22 @@ def test_only_storage_associations_go_to_receiver_processes() -> None:
     assert not receiver.storage_only(
         request(CTImageStorage, StudyRootQueryRetrieveInformationModelFind))
     assert not receiver.storage_only(request(CTImageStorage, "1.2.840.10008.1.20.1"))
+
+
+def test_an_association_that_cannot_be_routed_is_closed_not_left_hanging() -> None:
+    """If looking at the A-ASSOCIATE-RQ fails (say, the index is unreadable while checking a
+    cohort's AE title), the requestor's connection is closed at once, not left unanswered."""
+    import socket
+    from types import SimpleNamespace
+
+    from gateway.dimse import GatewayAssociationServer
+
+    def failing_route(_sock: object, _address: object) -> bool:  # failure injection
+        raise RuntimeError("injected routing failure")
+
+    ours, theirs = socket.socketpair()
+    GatewayAssociationServer._route(SimpleNamespace(route=failing_route),  # type: ignore[arg-type]
+                                    ours, ("127.0.0.1", 1))
+    theirs.settimeout(5)
+    assert theirs.recv(10) == b""  # end of file: closed
+    theirs.close()
