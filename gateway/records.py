@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
@@ -60,6 +60,7 @@ INTEGER_KEYWORDS = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAl
                     "NumberOfFrames"}
 PN_KEYWORDS = {"PatientName", "ReferringPhysicianName", "PerformingPhysicianName",
                "OperatorsName"}
+_NOT_PLAIN_TEXT = INTEGER_KEYWORDS | PN_KEYWORDS
 
 
 def normalize_pn(value: str) -> str:
@@ -94,6 +95,7 @@ class InstanceRecord:
     instance: dict[str, Any] = field(default_factory=dict)
 
 
+#: Tag of each keyword looked up (every indexed keyword from the start).
 _TAGS: dict[str, int] = {}
 _WANTED_TAGS = [int(t) for t in (tag_for_keyword(k) for k in _WANTED_KEYWORDS) if t is not None]
 
@@ -108,7 +110,12 @@ def _tag(keyword: str) -> int:
     return tag
 
 
+for _keyword in _WANTED_KEYWORDS:
+    _tag(_keyword)
+
 Elements = dict[int, Any]  # DataElement or _Value
+#: The simple reader's raw elements, by integer tag (BaseTag keys compare in Python: slow).
+RawElements = dict[int, RawDataElement]
 
 
 #: Character sets whose text decodes with one Python codec (no ISO 2022 code extensions).
@@ -121,11 +128,14 @@ _JSON_TAGS = {int(t) for t in (tag_for_keyword(k) for k in
                                (*STUDY_JSON_KEYWORDS, *SERIES_JSON_KEYWORDS)) if t is not None}
 
 
-@dataclass(frozen=True, slots=True)
 class _Value:
-    """A value decoded here rather than by pydicom (same ``.value`` interface)."""
+    """A value decoded here rather than by pydicom (same ``.value`` interface; a plain slotted
+    class because a frozen dataclass's ``__init__`` alone costs a microsecond)."""
 
-    value: Any
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 def _fast_value(raw: RawDataElement, codec: str | None) -> _Value | None:
@@ -149,6 +159,14 @@ def _fast_value(raw: RawDataElement, codec: str | None) -> _Value | None:
     return None
 
 
+def _charset(value: Any) -> tuple[Any, str | None]:
+    """pydicom's encodings for a Specific Character Set value, and the one Python codec that
+    decodes its text when there is one (else None: pydicom must decode it)."""
+    encoding = convert_encodings(value) if value else None
+    codec = _FAST_CODECS.get(value.strip()) if isinstance(value, str) else None
+    return encoding, codec
+
+
 def _elements(ds: Dataset) -> Elements:
     """The (few, thanks to ``specific_tags``) top-level elements by integer tag, decoded once.
 
@@ -160,8 +178,7 @@ def _elements(ds: Dataset) -> Elements:
     if charset is not None:
         value = convert_raw_data_element(charset).value if isinstance(charset, RawDataElement) \
             else charset.value
-        encoding = convert_encodings(value) if value else None
-        codec = _FAST_CODECS.get(value.strip()) if isinstance(value, str) else None
+        encoding, codec = _charset(value)
     found: Elements = {}
     for element in ds.elements():
         if isinstance(element, RawDataElement):
@@ -175,9 +192,35 @@ def _elements(ds: Dataset) -> Elements:
     return found
 
 
+def _raw_elements(raw: RawElements) -> Elements:
+    """:func:`_elements` for the simple reader's raw elements: the same values, but a pydicom
+    Dataset is only built when an element needs pydicom (a sequence, another character set),
+    which CT and MR headers rarely do (building one costs more than reading the header)."""
+    charset = raw.get(_SPECIFIC_CHARACTER_SET)
+    encoding: Any = None
+    codec: str | None = "latin_1"
+    if charset is not None:
+        encoding, codec = _charset(convert_raw_data_element(charset).value)
+    found: Elements = {}
+    ds: Dataset | None = None
+    for tag, element in raw.items():
+        fast = None if tag in _JSON_TAGS else _fast_value(element, codec)
+        if fast is not None:
+            found[tag] = fast
+            continue
+        if ds is None:
+            ds = Dataset({BaseTag(number): value for number, value in raw.items()})
+        found[tag] = convert_raw_data_element(element, encoding=encoding, ds=ds)
+    return found
+
+
 def _text(elements: Elements, keyword: str) -> Any:
-    element = elements.get(_tag(keyword))
-    value = None if element is None else element.value
+    element = elements.get(_TAGS[keyword])
+    if element is None:
+        return None
+    value = element.value
+    if type(value) is str and keyword not in _NOT_PLAIN_TEXT:  # the common case, quickly
+        return value.strip() or None
     if value is None or value == "":
         return None
     if keyword in INTEGER_KEYWORDS:
@@ -286,6 +329,7 @@ _VRS_ON_WIRE = {vr.encode() for vr in (
 _WANTED_SET = frozenset(_WANTED_TAGS)
 _IMPLICIT_LE, _BIG_ENDIAN = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 _PIXEL_DATA = 0x7FE00010
+_SPECIFIC_CHARACTER_SET = 0x00080005
 _ITEM_TAGS = {0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD}
 _UNDEFINED = 0xFFFFFFFF
 #: How much of a file the simple reader reads at once: the header of almost every object.
@@ -307,7 +351,12 @@ class _File:
         return os.pread(self.fd, length, position)
 
 
-def _read_simple(handle: BinaryIO) -> tuple[Dataset, str] | None:
+_SHORT_HEADER = struct.Struct("<HH2sH")  # explicit VR: group, element, VR, 16-bit length
+_IMPLICIT_HEADER = struct.Struct("<HHL")  # implicit VR: group, element, 32-bit length
+_LONG_LENGTH = struct.Struct("<L")
+
+
+def _read_simple(handle: BinaryIO) -> tuple[RawElements, str] | None:
     """The wanted top-level elements of an uncomplicated Part 10 file, read without pydicom's
     parser (which walks every element in Python objects: ~40 % of a C-STORE's CPU), or None
     to let pydicom read it.
@@ -342,27 +391,33 @@ def _read_simple(handle: BinaryIO) -> tuple[Dataset, str] | None:
             transfer_syntax == _BIG_ENDIAN or transfer_syntax not in _KNOWN_SYNTAXES:
         return None
     implicit = transfer_syntax == _IMPLICIT_LE
-    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    elements: RawElements = {}
+    in_head = len(head) - 12  # element headers starting up to here lie wholly in ``head``
+    # One pass over the element headers. This loop runs for every element of every stored
+    # instance, so it works on ``head`` directly where it can and unpacks each header once.
     while position + 8 <= size:
-        header_bytes = data.bytes(position, 12)
-        group, element = struct.unpack_from("<HH", header_bytes)
+        if position <= in_head:
+            buffer, at = head, position
+        else:
+            buffer, at = data.bytes(position, 12), 0
+        vr: str | None = None
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, at)
+            header = 8
+        else:
+            group, element, vr_bytes, length = _SHORT_HEADER.unpack_from(buffer, at)
+            header = 8
+            if vr_bytes in _LONG_VRS:
+                if len(buffer) - at < 12:
+                    raise InvalidInstance("data set is truncated inside an element header")
+                length = _LONG_LENGTH.unpack_from(buffer, at + 8)[0]
+                header = 12
+            elif vr_bytes not in _VRS_ON_WIRE:
+                return None
+            vr = vr_bytes.decode()
         tag = group << 16 | element
         if tag in _ITEM_TAGS:
             return None
-        vr: str | None = None
-        if implicit:
-            length, header = struct.unpack_from("<L", header_bytes, 4)[0], 8
-        else:
-            vr_bytes = header_bytes[4:6]
-            if vr_bytes in _LONG_VRS:
-                if len(header_bytes) < 12:
-                    raise InvalidInstance("data set is truncated inside an element header")
-                length, header = struct.unpack_from("<L", header_bytes, 8)[0], 12
-            elif vr_bytes in _VRS_ON_WIRE:
-                length, header = struct.unpack_from("<H", header_bytes, 6)[0], 8
-            else:
-                return None
-            vr = vr_bytes.decode()
         value_position = position + header
         if length == _UNDEFINED:
             if tag != _PIXEL_DATA or implicit:
@@ -373,7 +428,7 @@ def _read_simple(handle: BinaryIO) -> tuple[Dataset, str] | None:
         if end > size:
             raise InvalidInstance(f"data set is truncated: {end - size} bytes missing")
         if tag in _WANTED_SET:
-            elements[BaseTag(tag)] = RawDataElement(
+            elements[tag] = RawDataElement(
                 BaseTag(tag), vr, length, data.bytes(value_position, length), value_position,
                 implicit, True)
         position = end
@@ -382,9 +437,7 @@ def _read_simple(handle: BinaryIO) -> tuple[Dataset, str] | None:
     if position < size and data.bytes(position, size - position).strip(b"\x00"):
         raise InvalidInstance(
             f"data set is truncated or has {size - position} bytes of trailing garbage")
-    ds = Dataset(elements)
-    ds.set_original_encoding(implicit, True, None)
-    return ds, transfer_syntax
+    return elements, transfer_syntax
 
 
 def read_instance(path: Path) -> InstanceRecord:
@@ -401,10 +454,11 @@ def read_instance(path: Path) -> InstanceRecord:
         try:
             with open(path, "rb") as handle:
                 simple = _read_simple(handle)
-                if simple is not None:
-                    ds, transfer_syntax = simple
+                parsed: RawElements | Dataset
+                if simple is None:
+                    parsed, transfer_syntax = _read_with_pydicom(handle)
                 else:
-                    ds, transfer_syntax = _read_with_pydicom(handle)
+                    parsed, transfer_syntax = simple
         except OSError as exc:
             if exc.errno is None:  # pydicom reports some malformed data as OSError
                 raise InvalidInstance(f"cannot parse data set: {exc}") from exc
@@ -423,7 +477,9 @@ def read_instance(path: Path) -> InstanceRecord:
         if not is_valid_uid(transfer_syntax):
             raise InvalidInstance("file meta information has no valid Transfer Syntax UID")
         try:
-            record = _record(ds, transfer_syntax)
+            elements = _elements(parsed) if isinstance(parsed, Dataset) \
+                else _raw_elements(parsed)
+            record = _record(elements, transfer_syntax)
         except InvalidInstance:
             raise
         except Exception as exc:
@@ -440,8 +496,7 @@ def _read_with_pydicom(handle: BinaryIO) -> tuple[Dataset, str]:
     return ds, transfer_syntax
 
 
-def _record(ds: Dataset, transfer_syntax: str) -> InstanceRecord:
-    elements = _elements(ds)
+def _record(elements: Elements, transfer_syntax: str) -> InstanceRecord:
     uids = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         element = elements.get(_tag(keyword))
