@@ -279,6 +279,10 @@ class _Rows:
         return self.one()[0]
 
 
+#: Connections :meth:`Index._connection` keeps for reuse (one per concurrent store, roughly).
+_SPARE_CONNECTIONS = 8
+
+
 class IndexUnavailable(OutOfResources):
     """The database cannot be written (locked for too long, disk full, server down)."""
 
@@ -293,8 +297,8 @@ class Index:
     _stmt_instance: Any
     _stmt_find: Any
     _stmt_old_series: Any
-    _stmt_series_plus: Any
-    _stmt_study_state: Any
+    _stmt_study_add: Any
+    _stmt_series_add: Any
     _stmt_outbox: Any
     _stmt_study_counts: Any
     _stmt_rejected: Any
@@ -310,12 +314,18 @@ class Index:
             database = self.engine.url.database
             self._write_lock = _WriterLock(f"{database}.writelock" if database and
                                            database != ":memory:" else None)
+        self._spare: list[Connection] = []
+        self._spare_lock = threading.Lock()
         self._prepare()
 
     def create_schema(self) -> None:
         metadata.create_all(self.engine)
 
     def close(self) -> None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, []
+        for conn in spare:
+            conn.close()
         self.engine.dispose()
 
     def ping(self) -> bool:
@@ -328,10 +338,36 @@ class Index:
 
     # -- transactions ----------------------------------------------------------------------------
     @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """A connection for the write path's statements. On SQLite one kept from earlier use:
+        taking one from SQLAlchemy's pool and resetting it on return costs more than most of
+        the statements a store runs. A connection that ends in an error is not kept."""
+        if not self.is_sqlite:
+            with self.engine.connect() as fresh:
+                yield fresh
+            return
+        with self._spare_lock:
+            conn = self._spare.pop() if self._spare else None
+        if conn is None:
+            conn = self.engine.connect()
+        keep = False
+        try:
+            yield conn
+            keep = not conn.in_transaction()
+        finally:
+            if keep:
+                with self._spare_lock:
+                    keep = len(self._spare) < _SPARE_CONNECTIONS
+                    if keep:
+                        self._spare.append(conn)
+            if not keep:
+                conn.close()
+
+    @contextmanager
     def write(self) -> Iterator[Connection]:
         """One write transaction; raises :class:`IndexUnavailable` if the database refuses."""
         try:
-            with self._write_lock, self.engine.connect() as conn:
+            with self._write_lock, self._connection() as conn:
                 if self.is_sqlite:
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
                 else:
@@ -350,7 +386,7 @@ class Index:
         if conn is not None:
             row = self._stmt_find(conn, {"sop": sop_uid}).first()
         else:
-            with self.engine.connect() as own:
+            with self._connection() as own:
                 row = self._stmt_find(own, {"sop": sop_uid}).first()
         return StoredInstance(*row) if row else None
 
@@ -394,12 +430,19 @@ class Index:
             .where(instance.c.SOPInstanceUID == bindparam("sop")))
         self._stmt_old_series = select(instance.c.series_id).where(
             instance.c.SOPInstanceUID == bindparam("sop"))
-        self._stmt_series_plus = (
-            update(series).where(series.c.id == bindparam("sid"))
-            .values(NumberOfSeriesRelatedInstances=series.c.NumberOfSeriesRelatedInstances + 1)
-            .returning(series.c.NumberOfSeriesRelatedInstances))
-        self._stmt_study_state = select(study.c.ModalitiesInStudy, study.c.SOPClassesInStudy,
-                                        study.c.attributes).where(study.c.id == bindparam("stid"))
+        # A new instance in one statement per level: the upsert also counts it and returns
+        # what decides whether the study row needs more (a new series, modality or class).
+        self._stmt_study_add = self._upsert_stmt(
+            study, ("StudyInstanceUID",), self._study_cols,
+            insert_only=("created_at", "attributes", "NumberOfStudyRelatedSeries",
+                         "NumberOfStudyRelatedInstances"),
+            increment=("NumberOfStudyRelatedInstances",),
+            returning=("ModalitiesInStudy", "SOPClassesInStudy", "attributes"))
+        self._stmt_series_add = self._upsert_stmt(
+            series, ("SeriesInstanceUID",), self._series_cols,
+            insert_only=("attributes", "NumberOfSeriesRelatedInstances"),
+            increment=("NumberOfSeriesRelatedInstances",),
+            returning=("NumberOfSeriesRelatedInstances",))
         outbox_stmt = self._insert(outbox).values(
             {c: bindparam(c) for c in ("StudyInstanceUID", "due_at", "reason", "state",
                                        "attempts", "last_error", "updated_at")})
@@ -409,7 +452,6 @@ class Index:
                                                        "last_error", "updated_at")})
         self._stmt_study_counts = (
             update(study).where(study.c.id == bindparam("stid")).values(
-                NumberOfStudyRelatedInstances=study.c.NumberOfStudyRelatedInstances + 1,
                 NumberOfStudyRelatedSeries=study.c.NumberOfStudyRelatedSeries
                 + bindparam("new_series"),
                 ModalitiesInStudy=bindparam("modalities"),
@@ -418,26 +460,29 @@ class Index:
         self._stmt_rejected = select(rejected.c.reason, rejected.c.note_uid).where(
             rejected.c.SOPInstanceUID == bindparam("sop"))
         for name in ("patient", "study", "series", "instance", "find", "old_series",
-                     "series_plus", "study_state", "outbox", "study_counts", "rejected"):
+                     "study_add", "series_add", "outbox", "study_counts", "rejected"):
             attribute = f"_stmt_{name}"
             setattr(self, attribute, _Prepared(getattr(self, attribute), self.engine.dialect,
                                                raw=self.is_sqlite))
 
     def _upsert_stmt(self, table: Table, keys: tuple[str, ...], columns: tuple[str, ...], *,
-                     insert_only: tuple[str, ...] = (), keep_nulls: bool = False) -> Any:
-        """``INSERT … ON CONFLICT (keys) DO UPDATE … RETURNING id``.
+                     insert_only: tuple[str, ...] = (), keep_nulls: bool = False,
+                     increment: tuple[str, ...] = (), returning: tuple[str, ...] = ()) -> Any:
+        """``INSERT … ON CONFLICT (keys) DO UPDATE … RETURNING id[, returning…]``.
 
         By default an absent (NULL) value never erases a known one: instances of one study may
-        carry more or fewer optional attributes, and the index keeps the union.
+        carry more or fewer optional attributes, and the index keeps the union. Columns in
+        ``increment`` (inserted as given) grow by one when the row already exists.
         """
         stmt = self._insert(table).values({c: bindparam(c) for c in (*columns, *insert_only)})
-        updates = {
+        updates: dict[str, Any] = {
             name: (stmt.excluded[name] if keep_nulls
                    else func.coalesce(stmt.excluded[name], table.c[name]))
             for name in columns if name not in keys
         }
-        return stmt.on_conflict_do_update(index_elements=list(keys),
-                                          set_=updates).returning(table.c.id)
+        updates.update({name: table.c[name] + 1 for name in increment})
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=updates).returning(
+            table.c.id, *(table.c[name] for name in returning))
 
     def upsert_instance(self, conn: Connection, record: InstanceRecord, *, blob_key: str,
                         blob_size: int, source: str | None) -> None:
@@ -448,27 +493,32 @@ class Index:
             **dict.fromkeys(self._patient_cols), **record.patient, "updated_at": now,
         }).scalar_one()
         old_series_id = self._stmt_old_series(conn, {"sop": record.sop_uid}).scalar()
-        study_id = self._stmt_study(conn, {
+        study_values = {
             **dict.fromkeys(self._study_cols), **record.study,
             "StudyInstanceUID": record.study_uid, "patient_id": patient_id, "updated_at": now,
             "created_at": now, "attributes": record.study_json,
             "NumberOfStudyRelatedSeries": 0, "NumberOfStudyRelatedInstances": 0,
-        }).scalar_one()
-        series_id = self._stmt_series(conn, {
+        }
+        series_values = {
             **dict.fromkeys(self._series_cols), **record.series,
-            "SeriesInstanceUID": record.series_uid, "study_id": study_id, "updated_at": now,
+            "SeriesInstanceUID": record.series_uid, "updated_at": now,
             "attributes": record.series_json, "NumberOfSeriesRelatedInstances": 0,
-        }).scalar_one()
-        self._stmt_instance(conn, {
-            **dict.fromkeys(self._instance_cols), **record.instance,
-            "SOPInstanceUID": record.sop_uid, "SOPClassUID": record.sop_class_uid,
-            "series_id": series_id, "TransferSyntaxUID": record.transfer_syntax_uid,
-            "blob_key": blob_key, "blob_size": blob_size, "source": source,
-            "received_at": now,
-        })
-        if old_series_id is None:
-            self._count_new_instance(conn, record, series_id, study_id)
+        }
+        if old_series_id is None:  # the common case: one more instance, maybe a new series
+            study_id, modalities, classes, attributes = self._stmt_study_add(
+                conn, {**study_values, "NumberOfStudyRelatedInstances": 1}).one()
+            series_id, in_series = self._stmt_series_add(
+                conn, {**series_values, "study_id": study_id,
+                       "NumberOfSeriesRelatedInstances": 1}).one()
+            self._insert_instance(conn, record, series_id, blob_key, blob_size, source, now)
+            self._count_new_instance(conn, record, study_id, new_series=in_series == 1,
+                                     modalities=modalities, classes=classes,
+                                     attributes=attributes)
         else:  # a replaced object, possibly moved between series/studies: recount both
+            study_id = self._stmt_study(conn, study_values).scalar_one()
+            series_id = self._stmt_series(conn, {**series_values,
+                                                 "study_id": study_id}).scalar_one()
+            self._insert_instance(conn, record, series_id, blob_key, blob_size, source, now)
             self._refresh_counts(conn, series_id, study_id)
             if old_series_id != series_id:
                 old_study_id = conn.execute(select(series.c.study_id)
@@ -480,24 +530,39 @@ class Index:
             self._merge_json(conn, series, series_id, record.series_json)
         self.queue_publish(conn, record.study_uid, "instances-added", now)
 
-    def _count_new_instance(self, conn: Connection, record: InstanceRecord, series_id: int,
-                            study_id: int) -> None:
-        """The cheap path for the common case: one more instance, maybe one more series."""
-        in_series = self._stmt_series_plus(conn, {"sid": series_id}).scalar_one()
-        modalities, classes, attributes = self._stmt_study_state(conn,
-                                                                 {"stid": study_id}).one()
+    def _insert_instance(self, conn: Connection, record: InstanceRecord, series_id: int,
+                         blob_key: str, blob_size: int, source: str | None,
+                         now: float) -> None:
+        self._stmt_instance(conn, {
+            **dict.fromkeys(self._instance_cols), **record.instance,
+            "SOPInstanceUID": record.sop_uid, "SOPClassUID": record.sop_class_uid,
+            "series_id": series_id, "TransferSyntaxUID": record.transfer_syntax_uid,
+            "blob_key": blob_key, "blob_size": blob_size, "source": source,
+            "received_at": now,
+        })
+
+    def _count_new_instance(self, conn: Connection, record: InstanceRecord, study_id: int, *,
+                            new_series: bool, modalities: str | None, classes: str | None,
+                            attributes: Any) -> None:
+        """The study row after one more instance (already counted by the upsert): one more
+        series, ModalitiesInStudy, SOPClassesInStudy and study attributes, written only when
+        one of them changes (for most instances none does)."""
         modality = record.series.get("Modality")
         modality_set = set(modalities.split("\\")) if modalities else set()
+        class_set = set(classes.split("\\")) if classes else set()
+        current = attributes if isinstance(attributes, dict) else json.loads(attributes or "{}")
+        merged = {**current, **record.study_json}
+        if (not new_series and (not modality or modality in modality_set)
+                and record.sop_class_uid in class_set and merged == current):
+            return
         if modality:
             modality_set.add(modality)
-        class_set = set(classes.split("\\")) if classes else set()
         class_set.add(record.sop_class_uid)
-        current = attributes if isinstance(attributes, dict) else json.loads(attributes or "{}")
         self._stmt_study_counts(conn, {
-            "stid": study_id, "new_series": 1 if in_series == 1 else 0,
+            "stid": study_id, "new_series": 1 if new_series else 0,
             "modalities": "\\".join(sorted(modality_set)) or None,
             "classes": "\\".join(sorted(class_set)),
-            "merged": {**current, **record.study_json},
+            "merged": merged,
         })
 
     def queue_publish(self, conn: Connection, study_uid: str, reason: str,
@@ -711,14 +776,14 @@ class Index:
         if conn is not None:
             row = self._stmt_rejected(conn, {"sop": sop_uid}).first()
         else:
-            with self.engine.connect() as own:
+            with self._connection() as own:
                 row = self._stmt_rejected(own, {"sop": sop_uid}).first()
         return (row[0], row[1]) if row else None
 
     def prior_state(self, sop_uid: str) -> tuple[tuple[str, str] | None, StoredInstance | None]:
         """What the write path checks before storing (one connection for both): the IOCM
         rejection of this SOP Instance UID, and the instance stored under it."""
-        with self.engine.connect() as conn:
+        with self._connection() as conn:
             return self.rejection_of(sop_uid, conn), self.find_instance(sop_uid, conn)
 
     def clear(self) -> None:
