@@ -37,6 +37,7 @@ class Services:
         if self.fhir is not None:
             self.fhir.close()
         self.index.close()
+        self.storage.close()
 
 
 def build_write_path(settings: Settings, *,

@@ -23,7 +23,6 @@ untouched (the request is only peeked at), to the full pynetdicom AE (see ``gate
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import select
@@ -169,7 +168,8 @@ class ReceiveSink:
     #: to disk is started, so the fsync before the acknowledgement has little left to do).
     WRITEBACK_STEP = 256 * 1024
     writeback = True
-    _names = itertools.count()
+    #: Where staging files come from once :meth:`stage_into` named a storage.
+    pool: storage.StagingPool | None = None
 
     def __init__(self, *_args: Any, **_kwargs: Any) -> None:
         self.error: OSError | None = None
@@ -185,15 +185,15 @@ class ReceiveSink:
         ReceiveSink._open[self.name] = self
 
     def _create(self) -> int:
-        """A new staging file named by process and a counter (cheaper than mkstemp's random
-        names); a name left over from an earlier process with the same id is skipped."""
-        for _ in range(1000):
-            self.name = os.path.join(self.directory, f"{os.getpid()}-{next(self._names)}.dcm")
-            try:
-                return os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"no free staging file name in {self.directory}")
+        """A new staging file: from the storage's pool of ready ones once staged into a
+        storage (:meth:`stage_into`), else created here."""
+        # A name even if none can be had (the error then answers 0xA700 through finish())
+        self.name = os.path.join(self.directory, f"unavailable-{id(self)}")
+        if self.pool is not None:
+            self.name, fd = self.pool.take()
+        else:
+            self.name, fd = storage.new_staging_file(str(self.directory))
+        return fd
 
     def write(self, data: bytes) -> int:
         if self._handle is not None:
@@ -253,6 +253,7 @@ class ReceiveSink:
         """Received data sets land in ``storage``'s staging area (so moving one into place is
         a rename, not a copy); their writeback starts early when the storage fsyncs."""
         cls.directory = storage.staging_dir()
+        cls.pool = storage.staging_pool()
         cls.writeback = storage.fsync
 
     @classmethod

@@ -12,19 +12,25 @@ object, or nothing; never a partial file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import itertools
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from gateway.errors import InvalidInstance, OutOfResources
+
+log = logging.getLogger("gateway.storage")
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UID = r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*"
@@ -60,6 +66,7 @@ class FileStorage:
         #: Directories known to exist durably (as strings: the store path avoids pathlib).
         self._durable_dirs: set[str] = set()
         self._lock = threading.Lock()
+        self._pool: StagingPool | None = None
         try:
             self._staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -80,6 +87,21 @@ class FileStorage:
 
     def staging_dir(self) -> Path:
         return self._staging
+
+    def staging_pool(self) -> StagingPool:
+        """The pool of empty staging files received data sets stream into (made on first
+        use; see :class:`StagingPool`)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = StagingPool(str(self._staging / StagingPool.SUBDIRECTORY))
+            return self._pool
+
+    def close(self) -> None:
+        """Remove the staging pool's unused files (a clean stop leaves staging empty)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     # -- writes ----------------------------------------------------------------------------------
     def put_file(self, key: str, source: Path | str, *, move: bool,
@@ -203,6 +225,111 @@ class FileStorage:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+
+_STAGING_NAMES = itertools.count()
+
+
+def new_staging_file(directory: str) -> tuple[str, int]:
+    """Create an empty staging file in ``directory``: its path and a descriptor open for
+    writing. Named by process id and a counter (cheaper than mkstemp's random names); a name
+    left over from an earlier process with the same id is skipped, never reused."""
+    for _ in range(1000):
+        name = f"{directory}/{os.getpid()}-{next(_STAGING_NAMES)}.dcm"
+        try:
+            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free staging file name in {directory}")
+
+
+class StagingPool:
+    """Empty files made ahead of need, so that receiving a data set never waits for one.
+
+    Creating a file costs far more than writing into one already open, and on some file
+    systems much more: on this project's benchmark machine, 0.2 to 1.4 ms of system time per
+    new file depending on the directory, against 0.05 ms to rename one. A C-STORE would pay
+    that between its command and its first data byte, on the association's critical path. A
+    daemon thread keeps ``size`` empty files created here; :meth:`take` opens one (cheap) and
+    hands it out at once, or creates its own when the pool has run dry or cannot be filled
+    (disk full, read-only: the taker's own attempt then reports the error exactly as before).
+
+    The files live in ``<staging>/ready``; a taken one is written where it lies and moved
+    into the store from there (a rename on the same file system). Pool files left by a
+    stopped process are removed with the rest of staging at the next start.
+    """
+
+    SUBDIRECTORY = "ready"
+    #: Files kept ready: enough for several associations' next data sets at once.
+    SIZE = 8
+    #: After a failure to create one, wait this long before trying again.
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, directory: str, size: int = SIZE) -> None:
+        self.directory = directory
+        self.size = size
+        #: Created and closed again: an idle pool holds no descriptor open for writing (a
+        #: file system with files open for writing cannot be remounted read-only).
+        self._ready: list[str] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def take(self) -> tuple[str, int]:
+        """A new, empty staging file: its path and a descriptor open for writing. Raises
+        ``OSError`` when none can be created (or opened: read-only storage)."""
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._fill, name="staging-pool",
+                                                daemon=True)
+                self._thread.start()
+            ready = self._ready.pop() if self._ready else None
+            self._cond.notify()
+        if ready is None:
+            return new_staging_file(self._make_directory())
+        try:
+            return ready, os.open(ready, os.O_WRONLY)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(ready)
+            raise
+
+    def close(self) -> None:
+        """Stop filling and remove the files nobody took."""
+        with self._cond:
+            self._closed = True
+            left, self._ready = self._ready, []
+            self._cond.notify()
+        for name in left:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        with contextlib.suppress(OSError):  # still in use by another process: it stays
+            os.rmdir(self.directory)
+
+    def _make_directory(self) -> str:
+        os.makedirs(self.directory, exist_ok=True)
+        return self.directory
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and len(self._ready) >= self.size:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                made, fd = new_staging_file(self._make_directory())
+                os.close(fd)
+            except OSError as exc:
+                log.debug("staging pool: cannot create a file (%s); retrying later", exc)
+                time.sleep(self.RETRY_SECONDS)
+                continue
+            with self._cond:
+                self._ready.append(made)
+                closed = self._closed
+            if closed:  # closed while this one was being made: remove it too
+                self.close()
+                return
 
 
 def _load_sync_file_range() -> object | None:

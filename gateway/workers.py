@@ -211,6 +211,7 @@ def _worker_main(name: str, control: socket.socket) -> None:
         thread.join(max(0.0, deadline - time.monotonic()))
     receiver.abort_all()
     index.close()
+    storage.close()
 
 
 if __name__ == "__main__":

@@ -201,6 +201,21 @@ def gateway(make_gateway: object) -> GatewayProcess:
     return make_gateway().start()  # type: ignore[operator, no-any-return]
 
 
+def partial_receptions(data: Path) -> list[Path]:
+    """What the staging area of storage directory ``data`` holds besides the empty files its
+    pool keeps ready (gateway.storage.StagingPool): received data that was not stored."""
+    staging = data / ".staging"
+    found = []
+    for path in staging.rglob("*") if staging.exists() else ():
+        try:
+            if path.is_dir() or (path.parent == staging / "ready" and not path.stat().st_size):
+                continue
+        except FileNotFoundError:  # taken and moved away meanwhile
+            continue
+        found.append(path)
+    return found
+
+
 def pydicom_file(name: str) -> Path:
     """A file from pydicom's test data (pydicom-data installs the large ones offline)."""
     from pydicom.data import get_testdata_file

@@ -20,7 +20,7 @@ import pydicom
 import requests
 from pydicom.uid import generate_uid
 
-from conftest import GatewayProcess, pydicom_file
+from conftest import GatewayProcess, partial_receptions, pydicom_file
 from samples import dataset_bytes, stored_path
 
 #: Distinct SOP Instance UIDs, five studies, five modalities.
@@ -93,7 +93,7 @@ def test_import_stores_the_instances_of_a_folder_tree_and_reports_each_kind(
         assert files[name].exists(), "import must copy, never move, the originals"
     assert _indexed(gw) == {_sop(files[name]) for name in GOOD}
     assert stored_path(gw.data, _sop(files["truncated"])) is None
-    assert list((gw.data / ".staging").iterdir()) == []
+    assert partial_receptions(gw.data) == []
 
     # Re-running (an interrupted migration is simply restarted): nothing is written again.
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in gw.data.glob("*/*/*.dcm")}

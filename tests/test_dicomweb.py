@@ -30,7 +30,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from conftest import GatewayProcess, free_port, pydicom_file
+from conftest import GatewayProcess, free_port, partial_receptions, pydicom_file
 from samples import dataset_bytes, sample_files, stored_path
 
 BOUNDARY = "StowRsBoundary-6f1d2c"
@@ -89,8 +89,7 @@ def _blobs(gateway: GatewayProcess) -> set[Path]:
 
 
 def _staging(gateway: GatewayProcess) -> list[Path]:
-    staging = gateway.data / ".staging"
-    return list(staging.iterdir()) if staging.exists() else []
+    return partial_receptions(gateway.data)
 
 
 def _assert_not_stored(gateway: GatewayProcess, sop_uid: str) -> None:

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from conftest import GatewayProcess, dcmtk_env, pydicom_file, require_dcmtk
+from conftest import GatewayProcess, dcmtk_env, partial_receptions, pydicom_file, require_dcmtk
 from samples import dataset_bytes, fresh_copies, sample_files, stored_path, storescu_profile
 
 
@@ -197,7 +197,7 @@ def test_truncated_data_set_is_refused_and_leaves_nothing(gateway: GatewayProces
     sop_uid = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
     assert stored_path(gateway.data, sop_uid) is None
     assert not _index_has(gateway, sop_uid)
-    assert list((gateway.data / ".staging").iterdir()) == []
+    assert partial_receptions(gateway.data) == []
 
 
 def test_unknown_calling_ae_is_rejected_when_allowed_callers_is_set(
@@ -355,9 +355,9 @@ def test_sender_vanishing_mid_instance_leaves_nothing_behind(
         sock.sendall(struct.pack(">BxL", 4, len(pdv)) + pdv)
         time.sleep(0.2)
     deadline = time.time() + 10
-    while list((gateway.data / ".staging").iterdir()) and time.time() < deadline:
+    while partial_receptions(gateway.data) and time.time() < deadline:
         time.sleep(0.1)
-    assert list((gateway.data / ".staging").iterdir()) == []
+    assert partial_receptions(gateway.data) == []
     assert stored_path(gateway.data, sop) is None
     assert _send_raw(gateway, pydicom_file("CT_small.dcm")) == 0x0000
 

@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from conftest import GatewayProcess
+from conftest import GatewayProcess, partial_receptions
 from samples import dataset_bytes, stored_path
 
 
@@ -105,7 +105,7 @@ def test_kill_9_during_parallel_stores_loses_nothing_acknowledged(
     assert len(acked) >= 40 and unacked > 0, "the kill did not land mid-stream"
 
     gw.start()  # same storage, same index
-    assert not list((gw.data / ".staging").iterdir()), "partial receptions left in staging"
+    assert not partial_receptions(gw.data), "partial receptions left in staging"
     present = indexed(gw)
     for sop, path in acked.items():
         stored = stored_path(gw.data, sop)
@@ -215,5 +215,4 @@ def check_acknowledged(gw: GatewayProcess, results: dict[Path, int | None]) -> N
         else:
             assert sop not in present, f"refused {sop} is indexed"
     assert_consistent(gw)
-    staging = gw.data / ".staging"
-    assert not [p for p in staging.iterdir() if p.stat().st_size], "partial data left behind"
+    assert not partial_receptions(gw.data), "partial data left behind"

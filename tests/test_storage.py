@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,32 @@ def test_start_writeback_uses_sync_file_range_on_linux(tmp_path):
         handle.flush()
         storage.start_writeback(handle.fileno(), 0, 100_000)
     assert path.stat().st_size == 100_000
+
+
+def test_the_staging_pool_keeps_empty_files_ready_and_removes_the_idle_ones_on_close(tmp_path):
+    """Receptions take a file created ahead of time (creating one can cost milliseconds);
+    the pool refills in the background, never hands a file out twice, and a clean stop
+    leaves only the files takers still hold."""
+    from gateway.storage import StagingPool
+
+    storage = FileStorage(tmp_path / "data")
+    pool = storage.staging_pool()
+    ready = storage.staging_dir() / StagingPool.SUBDIRECTORY
+    taken = []
+    for _ in range(3):
+        name, fd = pool.take()
+        os.write(fd, b"received")
+        os.close(fd)
+        taken.append(name)
+    assert len(set(taken)) == 3
+
+    def idle() -> set[str]:
+        return {str(p) for p in ready.iterdir() if p.stat().st_size == 0}
+
+    deadline = time.monotonic() + 10
+    while len(idle()) < StagingPool.SIZE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(idle()) == StagingPool.SIZE and not idle() & set(taken)
+    storage.close()
+    assert {str(p) for p in ready.iterdir()} == set(taken)
+    assert all(Path(name).read_bytes() == b"received" for name in taken)
