@@ -370,7 +370,7 @@ class Association:
     # -- association lifecycle -----------------------------------------------------------------
     def run(self) -> None:
         try:
-            self.sock.settimeout(self.policy.acse_timeout)
+            upper_layer.set_timeout(self.sock, self.policy.acse_timeout)
             first = self.channel.read_pdu()
             if first is None:
                 return
@@ -379,7 +379,7 @@ class Association:
                 raise ProtocolError("expected A-ASSOCIATE-RQ", 0x02)
             if not self._negotiate(bytes(PDU_HEADER.pack(0x01, len(body))) + bytes(body)):
                 return
-            self.sock.settimeout(self.policy.network_timeout)
+            upper_layer.set_timeout(self.sock, self.policy.network_timeout)
             self._serve()
         except ProtocolError as exc:
             log.warning("association with %s aborted: %s", self.calling_ae, exc)

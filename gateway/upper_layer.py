@@ -270,6 +270,19 @@ class MessageReader:
 
 
 # -- the socket of an association --------------------------------------------------------------
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make every read and write on ``sock`` give up after ``seconds`` without data, as
+    ``sock.settimeout`` would, but in the kernel (SO_RCVTIMEO, SO_SNDTIMEO on a blocking
+    socket): Python's own timeout polls the socket before each call, one system call more
+    for every PDU fragment received. A read or write that runs out raises ``BlockingIOError``,
+    which :class:`Channel` reports as ``TimeoutError``."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 class Channel:
     """One association's socket: whole PDUs in, DIMSE messages out.
 
@@ -301,7 +314,10 @@ class Channel:
         """Fill ``view`` from the socket; False on orderly close before anything was read."""
         got = 0
         while got < len(view):
-            n = self.sock.recv_into(view[got:])
+            try:
+                n = self.sock.recv_into(view[got:])
+            except BlockingIOError as exc:  # SO_RCVTIMEO ran out (see set_timeout)
+                raise TimeoutError("no data from the peer within the timeout") from exc
             if n == 0:
                 if got == 0:
                     return False
@@ -338,7 +354,10 @@ class Channel:
         return bool(ready)
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError as exc:  # SO_SNDTIMEO ran out (see set_timeout)
+            raise TimeoutError("the peer took nothing within the timeout") from exc
 
     def send_message(self, context_id: int, command: dict[int, bytes],
                      data_set: bytes | None = None) -> None:
@@ -409,9 +428,12 @@ class Channel:
     def _sendv(self, buffers: list[Any]) -> None:
         """Send all of ``buffers`` with as few system calls as the socket allows."""
         total = sum(len(b) for b in buffers)
-        sent = self.sock.sendmsg(buffers)
+        try:
+            sent = self.sock.sendmsg(buffers)
+        except BlockingIOError as exc:  # SO_SNDTIMEO ran out (see set_timeout)
+            raise TimeoutError("the peer took nothing within the timeout") from exc
         if sent < total:  # a partial send (full socket buffer): finish with sendall
-            self.sock.sendall(b"".join(bytes(b) for b in buffers)[sent:])
+            self.send(b"".join(bytes(b) for b in buffers)[sent:])
 
     def release(self) -> None:
         """A-RELEASE-RQ, then wait (briefly) for the A-RELEASE-RP; close."""

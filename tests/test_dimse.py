@@ -486,3 +486,23 @@ def test_an_association_that_cannot_be_routed_is_closed_not_left_hanging() -> No
     theirs.settimeout(5)
     assert theirs.recv(10) == b""  # end of file: closed
     theirs.close()
+
+
+def test_a_silent_peer_is_aborted_after_the_network_timeout(make_gateway: object) -> None:
+    """PS3.8 9.1.5 (ARTIM, and the gateway's own dimse.network_timeout): an association on
+    which the peer sends nothing is aborted, not held forever; the gateway goes on serving."""
+    import time
+
+    gw = make_gateway(extra={"dimse": {"network_timeout": 1}}).start()  # type: ignore[operator]
+    ae = AE(ae_title="SILENT")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gw.dimse_port, ae_title=gw.ae_title)
+    assert assoc.is_established
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waited = 10 - (deadline - time.monotonic())
+    assert assoc.is_aborted, "the gateway kept a silent association open"
+    assert 0.9 < waited < 8, f"aborted after {waited:.1f} s, network_timeout is 1 s"
+    assert "no data for 1 s (network_timeout)" in gw.log
+    assert _send_raw(gw, pydicom_file("CT_small.dcm")) == 0x0000
