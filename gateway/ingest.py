@@ -8,10 +8,12 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
    the STOW-RS URL demands;
 3. compare with what is stored under the same SOP Instance UID (identical → success, nothing
    changes; different → the configured duplicate policy);
-4. move the blob into place (rename; not yet durable; a new instance is not yet indexed);
-5. make it durable (fsync of file and directory) and, in ONE index transaction, upsert
-   patient/study/series/instance rows, refresh the counts and queue the study in the publish
-   outbox; concurrent stores share the fsyncs and the commit (:class:`GroupCommit`);
+4. move the blob into place (rename; a new instance is not yet indexed) and make it durable
+   (fsync of file and directory), each store in its own thread, so the flushes of concurrent
+   stores overlap;
+5. in ONE index transaction, upsert patient/study/series/instance rows, refresh the counts
+   and queue the study in the publish outbox; concurrent stores share the commit
+   (:class:`GroupCommit`);
 6. only then report success. Any failure before 6 raises a :class:`~gateway.errors.StoreError`
    carrying the DIMSE status; a blob left without an index row is never served and is picked
    up by ``reindex``.
@@ -112,18 +114,19 @@ class _Pending:
 
 
 class GroupCommit:
-    """Makes blobs durable and commits their index rows, several stores at a time.
+    """Commits the index rows of durable blobs, several stores at a time.
 
-    Every store waits until its own blob is fsync'd (file and directory) and its rows are
-    committed, exactly as if it were alone. But when stores run concurrently (several
-    associations, STOW-RS requests), the first to arrive commits everything that queued up
-    meanwhile: one directory fsync per directory and one index commit (one WAL fsync) for the
+    Every store waits until its rows are committed, exactly as if it were alone. But when
+    stores run concurrently (several associations, STOW-RS requests), the first to arrive
+    commits everything that queued up meanwhile: one index commit (one WAL fsync) for the
     lot. Leader/followers, no extra thread: a lone sender pays nothing for it. Each instance
-    gets its own savepoint, so one bad row cannot fail the others.
+    gets its own savepoint, so one bad row cannot fail the others. Only a blob already
+    durable is queued here (:meth:`Ingest.store_file` makes it so first, in the storing
+    thread: the flushes of concurrent stores then overlap instead of queueing behind one
+    leader).
     """
 
-    def __init__(self, storage: FileStorage, index: Index) -> None:
-        self.storage = storage
+    def __init__(self, index: Index) -> None:
         self.index = index
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
@@ -152,15 +155,7 @@ class GroupCommit:
             raise item.error
 
     def _commit(self, batch: list[_Pending]) -> None:
-        try:
-            failed = self.storage.sync(p.key for p in batch)
-        except Exception as exc:  # never leave followers waiting on a crashed leader
-            failed = {p.key: OutOfResources(f"storage unavailable: {exc}") for p in batch}
-        for pending in batch:
-            pending.error = failed.get(pending.key)
-        ready = [p for p in batch if p.error is None]
-        if not ready:
-            return
+        ready = batch
         try:
             with self.index.write() as conn:
                 if len(ready) == 1:  # alone, the transaction is its savepoint: a failure
@@ -201,7 +196,7 @@ class Ingest:
         self.index = index
         self.duplicate_policy = duplicate_policy
         self.min_free_bytes = min_free_bytes
-        self._group = GroupCommit(storage, index)
+        self._group = GroupCommit(index)
 
     def store_file(
         self,
@@ -263,9 +258,12 @@ class Ingest:
             outcome = "replaced"
         key = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         self._check_space()
-        # In place but not yet durable; a new instance has no index row naming it yet.
+        # In place; a new instance has no index row naming it yet.
         self.storage.put_file(key, path, move=move, durable=False)
         size = os.path.getsize(self.storage.file_of(key))
+        failed = self.storage.sync([key])
+        if failed:
+            raise failed[key]
         self._group.commit(_Pending(record, key, size, source))
         if existing is not None and existing.blob_key != key:
             self.storage.delete(existing.blob_key)
