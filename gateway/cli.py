@@ -57,6 +57,10 @@ def serve(settings: Settings) -> int:
     leftovers = services.storage.clear_staging()
     if leftovers:
         log.info("removed %d unacknowledged partial receptions from staging", leftovers)
+    if services.index.begin_running():
+        recovered = services.ingest.recover()
+        log.warning("the last run did not stop cleanly; %d stored instances whose index rows "
+                    "were lost were indexed again", recovered)
     node = DimseNode(settings, services.ingest, services.cohorts)
     pool: ReceiverPool | None = None
     if settings.dimse_workers > 1:
@@ -91,6 +95,7 @@ def serve(settings: Settings) -> int:
     node.stop()
     if pool is not None:
         pool.stop()
+    services.index.end_running()
     services.close()
     log.info("stopped")
     return 0

@@ -6,8 +6,27 @@ they carry issuers). Study and series counts (NumberOfStudyRelatedSeries/Instanc
 NumberOfSeriesRelatedInstances) and ModalitiesInStudy/SOPClassesInStudy are kept current in
 the same transaction as the instance row, so C-FIND and QIDO-RS read them directly.
 
-Runs on SQLite (default; WAL, synchronous=FULL so a commit is durable before it returns,
-``BEGIN IMMEDIATE`` so concurrent writers queue instead of deadlocking) and PostgreSQL.
+Runs on SQLite (default; WAL, ``BEGIN IMMEDIATE`` so concurrent writers queue instead of
+deadlocking) and PostgreSQL.
+
+Durability on SQLite. Every commit is durable before it returns (synchronous=FULL: the WAL is
+fsync'd), except the store path's (:meth:`Index.write` with ``durable=False``, see
+:mod:`gateway.ingest`), which saves that flush per instance under a protocol that still
+loses no acknowledged instance:
+
+* such a commit survives a crash of the process (it is in the WAL) but not of the machine
+  until the WAL is next fsync'd: by a later durable commit, a checkpoint, or the syncer
+  thread, which makes a durable commit at most :data:`SYNC_SECONDS` after any other;
+* its blob is already durable (the store path fsyncs it first), so what a machine crash can
+  take is index rows of blobs that are on disk;
+* before its series' first such commit (and again every ``RECOVERY_WINDOW / 2`` seconds) a
+  durable commit records the series in ``recovery_mark``;
+* a start after an unclean stop (``index_state.running`` still set) re-indexes the blobs of
+  every series marked within ``RECOVERY_WINDOW`` seconds before the last durable sync
+  (:meth:`Index.recovery_candidates`, :meth:`gateway.ingest.Ingest.recover`).
+
+A lost commit happened after the last sync S; its series was marked durably at most
+``RECOVERY_WINDOW / 2`` seconds before it, so after ``S - RECOVERY_WINDOW``: recovery scans it.
 """
 
 from __future__ import annotations
@@ -15,10 +34,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +78,7 @@ from gateway.records import (
     InstanceRecord,
 )
 
+log = logging.getLogger("gateway.index")
 metadata = MetaData()
 
 
@@ -165,6 +186,30 @@ cohort_member = Table(
     Column("study_id", Integer, primary_key=True),
     SqlIndex("ix_cohort_member_study", "study_id"),
 )
+
+
+#: Series that received instances through non-durable commits lately (see the module
+#: docstring): where a start after a crash looks for blobs the index lost.
+recovery_mark = Table(
+    "recovery_mark", metadata,
+    Column("SeriesInstanceUID", String(64), primary_key=True),
+    Column("StudyInstanceUID", String(64), nullable=False),
+    Column("marked_at", Float, nullable=False, index=True),
+)
+#: One row: when the index was last made durable, and whether a gateway is running on it
+#: (still set at start = the last one did not stop cleanly).
+index_state = Table(
+    "index_state", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("synced_at", Float, nullable=False),
+    Column("running", Integer, nullable=False),
+)
+
+#: Longest a non-durable commit stays so (the syncer's period), in seconds.
+SYNC_SECONDS = 1.0
+#: A series is marked again when its mark is older than half of this; recovery scans series
+#: marked this long before the last sync (margin for clocks that step).
+RECOVERY_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -316,12 +361,30 @@ class Index:
                                            database != ":memory:" else None)
         self._spare: list[Connection] = []
         self._spare_lock = threading.Lock()
+        #: Marks this process committed durably: series → marked_at (see the module docstring).
+        self._marks: dict[str, float] = {}
+        self._unsynced = threading.Event()  # a non-durable commit since the last sync
+        self._closing = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self._syncer_lock = threading.Lock()
         self._prepare()
 
     def create_schema(self) -> None:
         metadata.create_all(self.engine)
+        with self.write() as conn:
+            if conn.execute(select(index_state.c.id)).first() is None:
+                conn.execute(index_state.insert().values(id=1, synced_at=time.time(),
+                                                         running=0))
 
-    def close(self) -> None:
+    def close(self, *, sync: bool = True) -> None:
+        """Stop the syncer and close every connection; first make every commit durable,
+        unless ``sync`` is false (as a crash would leave it)."""
+        self._closing.set()
+        if self._syncer is not None:
+            self._syncer.join(10)
+        if sync:
+            with contextlib.suppress(IndexUnavailable):
+                self.sync()
         with self._spare_lock:
             spare, self._spare = self._spare, []
         for conn in spare:
@@ -364,22 +427,123 @@ class Index:
                 conn.close()
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """One write transaction; raises :class:`IndexUnavailable` if the database refuses."""
+    def write(self, *, durable: bool = True) -> Iterator[Connection]:
+        """One write transaction; raises :class:`IndexUnavailable` if the database refuses.
+
+        ``durable=False`` (the store path only, under the protocol of the module docstring):
+        on SQLite the commit does not wait for the WAL to reach the disk."""
+        lazy = not durable and self.is_sqlite
         try:
             with self._write_lock, self._connection() as conn:
-                if self.is_sqlite:
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
-                else:
-                    conn.begin()
+                driver: Any = conn.connection.driver_connection if lazy else None
+                if lazy:
+                    driver.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    yield conn
-                except BaseException:
-                    conn.rollback()
-                    raise
-                conn.commit()
+                    if self.is_sqlite:
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    else:
+                        conn.begin()
+                    try:
+                        yield conn
+                    except BaseException:
+                        conn.rollback()
+                        raise
+                    conn.commit()
+                finally:
+                    if lazy:
+                        driver.execute("PRAGMA synchronous=FULL")
         except OperationalError as exc:
             raise IndexUnavailable(f"index unavailable: {exc.orig}") from exc
+        if lazy:
+            self._unsynced.set()
+            self._start_syncer()
+
+    # -- durability of the store path's commits (see the module docstring) ----------------------
+    def needs_mark(self, series_uid: str, now: float) -> bool:
+        """True when a store into this series must first mark it (in a durable commit).
+        Never on PostgreSQL, whose commits are all durable."""
+        return self.is_sqlite and self._marks.get(series_uid, 0.0) < now - RECOVERY_WINDOW / 2
+
+    def mark(self, conn: Connection, study_uid: str, series_uid: str, now: float) -> None:
+        """Record, in ``conn``'s transaction (which must be durable), that this series gets
+        non-durable commits from now on; :meth:`marked` once it has committed."""
+        stmt = self._insert(recovery_mark).values(
+            SeriesInstanceUID=series_uid, StudyInstanceUID=study_uid, marked_at=now)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=["SeriesInstanceUID"],
+            set_={"marked_at": stmt.excluded.marked_at,
+                  "StudyInstanceUID": stmt.excluded.StudyInstanceUID}))
+
+    def marked(self, series_uids: Iterable[str], now: float) -> None:
+        for uid in series_uids:
+            self._marks[uid] = now
+        if len(self._marks) > 10_000:
+            self._marks = {k: v for k, v in self._marks.items()
+                           if v >= now - RECOVERY_WINDOW / 2}
+
+    def sync(self) -> None:
+        """Make every commit so far durable (a durable commit fsyncs the whole WAL) and record
+        when; a no-op unless a non-durable commit happened since the last."""
+        if not self._unsynced.is_set():
+            return
+        self._unsynced.clear()
+        try:
+            with self.write() as conn:
+                conn.execute(update(index_state).where(index_state.c.id == 1)
+                             .values(synced_at=time.time()))
+                conn.execute(delete(recovery_mark).where(
+                    recovery_mark.c.marked_at < time.time() - 4 * RECOVERY_WINDOW))
+        except BaseException:
+            self._unsynced.set()
+            raise
+
+    def _start_syncer(self) -> None:
+        if self._syncer is not None:
+            return
+        with self._syncer_lock:
+            if self._syncer is None and not self._closing.is_set():
+                self._syncer = threading.Thread(target=self._sync_forever, name="index-sync",
+                                                daemon=True)
+                self._syncer.start()
+
+    def _sync_forever(self) -> None:
+        while not self._closing.wait(SYNC_SECONDS):
+            try:
+                self.sync()
+            except Exception as exc:  # the next period tries again; commits stay safe
+                log.warning("index sync failed (%s); retrying", exc)
+
+    def begin_running(self) -> bool:
+        """Note that a gateway runs on this index; True when the last one did not stop
+        cleanly (then :meth:`recovery_candidates` says where to look)."""
+        with self.write() as conn:
+            row = conn.execute(select(index_state.c.running)).first()
+            conn.execute(update(index_state).values(running=1))
+        return bool(row and row[0])
+
+    def end_running(self) -> None:
+        """A clean stop: every commit durable, nothing to recover at the next start."""
+        self._unsynced.set()
+        self.sync()
+        with self.write() as conn:
+            conn.execute(update(index_state).values(running=0))
+
+    def recovery_candidates(self) -> list[tuple[str, str]]:
+        """(study, series) UIDs whose blobs may lack rows after a machine crash: the series
+        marked within ``RECOVERY_WINDOW`` seconds before the last durable sync."""
+        with self.engine.connect() as conn:
+            synced_at = conn.execute(select(index_state.c.synced_at)).scalar() or 0.0
+            rows = conn.execute(select(recovery_mark.c.StudyInstanceUID,
+                                       recovery_mark.c.SeriesInstanceUID)
+                                .where(recovery_mark.c.marked_at >= synced_at - RECOVERY_WINDOW)
+                                .order_by(recovery_mark.c.marked_at)).all()
+        return [(row[0], row[1]) for row in rows]
+
+    def sop_uids_of_series(self, series_uid: str) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(
+                select(instance.c.SOPInstanceUID).select_from(instance.join(series))
+                .where(series.c.SeriesInstanceUID == series_uid)).scalars())
 
     # -- reads -----------------------------------------------------------------------------------
     def find_instance(self, sop_uid: str, conn: Connection | None = None) -> StoredInstance | None:

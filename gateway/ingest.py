@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -156,19 +157,21 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Pending]) -> None:
         ready = batch
+        # The commit need not wait for the disk, unless a series is new to this process (or
+        # was last marked long ago): then it is marked for recovery in a durable commit
+        # first (gateway.index, "Durability on SQLite").
+        now = time.time()
+        to_mark = {p.record.series_uid: p.record.study_uid for p in ready
+                   if self.index.needs_mark(p.record.series_uid, now)}
         try:
-            with self.index.write() as conn:
+            with self.index.write(durable=bool(to_mark)) as conn:
+                for series_uid, study_uid in to_mark.items():
+                    self.index.mark(conn, study_uid, series_uid, now)
                 if len(ready) == 1:  # alone, the transaction is its savepoint: a failure
                     self._upsert(conn, ready[0])  # rolls it back
-                    return
-                for number, pending in enumerate(ready):
-                    savepoint = f"instance_{number}"
-                    conn.exec_driver_sql(f"SAVEPOINT {savepoint}")
-                    try:
-                        self._upsert(conn, pending)
-                    except Exception:
-                        conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {savepoint}")
-                    conn.exec_driver_sql(f"RELEASE SAVEPOINT {savepoint}")
+                else:
+                    self._upsert_each(conn, ready)
+            self.index.marked(to_mark, now)
         except StoreError as exc:
             for pending in ready:
                 pending.error = pending.error or exc
@@ -176,6 +179,16 @@ class GroupCommit:
             for pending in ready:
                 pending.error = pending.error or OutOfResources(f"index unavailable: {exc}")
 
+    def _upsert_each(self, conn: Connection, ready: list[_Pending]) -> None:
+        """Several instances in one transaction, each in its own savepoint."""
+        for number, pending in enumerate(ready):
+            savepoint = f"instance_{number}"
+            conn.exec_driver_sql(f"SAVEPOINT {savepoint}")
+            try:
+                self._upsert(conn, pending)
+            except Exception:
+                conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {savepoint}")
+            conn.exec_driver_sql(f"RELEASE SAVEPOINT {savepoint}")
 
     def _upsert(self, conn: Connection, pending: _Pending) -> None:
         try:
@@ -258,12 +271,19 @@ class Ingest:
             outcome = "replaced"
         key = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         self._check_space()
-        # In place; a new instance has no index row naming it yet.
-        self.storage.put_file(key, path, move=move, durable=False)
+        if existing is not None and existing.blob_key == key and \
+                os.path.exists(self.storage.file_of(key)):
+            # An acknowledged blob is replaced in place: the new one is durable before its
+            # name takes the old one's, so a crash in between leaves the old one whole.
+            self.storage.put_file(key, path, move=move, durable=True)
+        else:
+            # A new name: moved into place first, then made durable (file, then directory);
+            # until its row is committed, nothing names it.
+            self.storage.put_file(key, path, move=move, durable=False)
+            failed = self.storage.sync([key])
+            if failed:
+                raise failed[key]
         size = os.path.getsize(self.storage.file_of(key))
-        failed = self.storage.sync([key])
-        if failed:
-            raise failed[key]
         self._group.commit(_Pending(record, key, size, source))
         if existing is not None and existing.blob_key != key:
             self.storage.delete(existing.blob_key)
@@ -322,6 +342,25 @@ class Ingest:
             self.index.upsert_instance(conn, record, blob_key=key, blob_size=path.stat().st_size,
                                        source="reindex")
         return self._result("stored", record)
+
+    def recover(self) -> int:
+        """After an unclean stop: index the blobs that have no row in the series marked for
+        recovery (gateway.index, "Durability on SQLite"): what a machine crash may have
+        taken from the index of acknowledged, durable blobs. Returns how many it indexed."""
+        indexed = 0
+        for study_uid, series_uid in self.index.recovery_candidates():
+            known = self.index.sop_uids_of_series(series_uid)
+            for key in self.storage.series_keys(study_uid, series_uid):
+                if key.rsplit("/", 1)[1][:-4] in known:
+                    continue
+                try:
+                    self.index_blob(key)
+                except StoreError as exc:
+                    log.warning("recovery: blob %s not indexed: %s", key, exc)
+                    continue
+                indexed += 1
+                log.info("recovery: indexed %s, stored before the unclean stop", key)
+        return indexed
 
     def _check_space(self) -> None:
         if not self.min_free_bytes:

@@ -212,6 +212,19 @@ class FileStorage:
                     if _KEY_RE.match(key):
                         yield key
 
+    def series_keys(self, study_uid: str, series_uid: str) -> list[str]:
+        """The keys of every blob stored under one series (none if the UIDs are invalid)."""
+        try:
+            directory = os.path.dirname(self.file_of(instance_key(study_uid, series_uid, "1")))
+        except (InvalidInstance, ValueError):
+            return []
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        keys = (f"{study_uid}/{series_uid}/{name}" for name in sorted(names))
+        return [key for key in keys if _KEY_RE.match(key)]
+
     def clear_staging(self) -> int:
         """Remove leftovers of interrupted receptions (never acknowledged); returns the count."""
         count = 0

@@ -245,6 +245,8 @@ def test_sigterm_stops_cleanly(gateway: GatewayProcess) -> None:
     assert _send_raw(gateway, pydicom_file("CT_small.dcm")) == 0x0000
     assert gateway.stop() == 0
     assert "stopped" in gateway.log
+    gateway.start()  # a clean stop leaves nothing for the next start to recover
+    assert "did not stop cleanly" not in gateway.log
 
 
 def test_mr_and_ct_contexts_coexist(gateway: GatewayProcess) -> None:

@@ -105,6 +105,7 @@ def test_kill_9_during_parallel_stores_loses_nothing_acknowledged(
     assert len(acked) >= 40 and unacked > 0, "the kill did not land mid-stream"
 
     gw.start()  # same storage, same index
+    assert "did not stop cleanly" in gw.log  # and looked for index rows a crash could take
     assert not partial_receptions(gw.data), "partial receptions left in staging"
     present = indexed(gw)
     for sop, path in acked.items():

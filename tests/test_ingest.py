@@ -4,10 +4,12 @@ share fsyncs and one index commit, yet each succeeds or fails on its own."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pydicom.uid
 import pytest
 from sqlalchemy import event
 
@@ -120,3 +122,71 @@ def test_a_lone_store_whose_index_write_fails_leaves_no_rows(
     assert services.index.counts() == {"patients": 0, "studies": 0, "series": 0,
                                        "instances": 0}
     services.close()
+
+
+def _with_new_series(files: list[Path]) -> list[Path]:
+    """The same instances moved to a new series of their study (new UIDs, same files)."""
+    series_uid = pydicom.uid.generate_uid()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(path)
+    return files
+
+
+def test_a_machine_crash_loses_no_acknowledged_instance_of_the_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store path's commits do not wait for the WAL to reach the disk (gateway.index,
+    "Durability on SQLite"). A machine crash keeps exactly what the last durable commit made
+    durable: here the database as it was after each durable commit (a durable commit fsyncs
+    the whole WAL) stands for the disk. Restored to that, the index lacks rows of instances
+    whose stores succeeded; the start after the unclean stop indexes them all again."""
+    import shutil
+    import sqlite3
+
+    from gateway import index as index_module
+
+    monkeypatch.setattr(index_module, "SYNC_SECONDS", 3600.0)  # no periodic sync meanwhile
+    data = tmp_path / "data"
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(data)}})
+    services = build_services(settings)
+    database = data / "index.sqlite"
+    disk = tmp_path / "disk.sqlite"  # the index as a crash would find it
+    write = services.index.write
+
+    @contextmanager
+    def recording_write(*, durable: bool = True) -> Any:
+        with write(durable=durable) as conn:
+            yield conn
+        if durable:
+            with sqlite3.connect(database) as live, sqlite3.connect(disk) as copy:
+                live.backup(copy)
+
+    monkeypatch.setattr(services.index, "write", recording_write)
+    assert services.index.begin_running() is False  # a first start: nothing to recover
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = fresh_copies(tmp_path / "a", 6)
+    second = _with_new_series(fresh_copies(tmp_path / "b", 4))
+    for path in first + second:
+        assert services.ingest.store_file(path, move=False, source="test").outcome == "stored"
+    stored = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in first + second}
+    services.index.close(sync=False)  # the machine stops: no clean end, no final sync
+
+    shutil.copyfile(disk, database)
+    for leftover in (data / "index.sqlite-wal", data / "index.sqlite-shm"):
+        leftover.unlink(missing_ok=True)
+    restarted = build_services(settings)
+    lost = {uid for uid in stored if restarted.index.find_instance(uid) is None}
+    assert lost, "every commit was durable: the test does not exercise a lost commit"
+    assert restarted.index.begin_running() is True
+    assert restarted.ingest.recover() == len(lost)
+    assert all(restarted.index.find_instance(uid) is not None for uid in stored)
+    study = restarted.index.study_row(pydicom.dcmread(first[0]).StudyInstanceUID)
+    assert study is not None
+    assert (study["NumberOfStudyRelatedSeries"], study["NumberOfStudyRelatedInstances"]) == (2, 10)
+    restarted.index.end_running()
+    assert restarted.index.begin_running() is False  # that stop was clean
+    restarted.close()
