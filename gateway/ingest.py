@@ -228,8 +228,9 @@ class Ingest:
         path
             A complete Part 10 file (preamble, file meta, data set as received).
         move
-            The file may be moved into the store (received into the staging area); otherwise
-            it is copied and left alone (bulk import).
+            The file may be moved into the store (received into the staging area): on success
+            it is gone from ``path`` (moved, or removed when nothing needed storing);
+            otherwise it is copied and left alone (bulk import).
         expected_sop_class, expected_sop_uid
             The SOP Class/Instance the sender declared (C-STORE Affected SOP Class/Instance,
             the negotiated abstract syntax); a mismatch is 0xA900 / 0xC000.
@@ -263,6 +264,8 @@ class Ingest:
             if not stored.is_file():
                 pass  # the index lost its blob: store this one
             elif same_dataset(path, stored):
+                if move:
+                    path.unlink(missing_ok=True)
                 return self._result("unchanged", record)
             elif self.duplicate_policy == "reject":
                 raise DuplicateInstance(

@@ -569,12 +569,14 @@ class Association:
         abstract = self.abstract_syntax(message.context_id)
         sop_class = message.text(AFFECTED_SOP_CLASS) or abstract
         sop_uid = message.text(AFFECTED_SOP_INSTANCE)
+        status = 0xA700
         try:  # on_store finishes the sink (the same call for pynetdicom's path)
             status, comment = self.on_store(path, abstract, sop_uid, self.calling_ae)
         finally:
             sink.close()
-            with contextlib.suppress(OSError):  # e.g. a read-only file system
-                path.unlink(missing_ok=True)  # moved into the store unless it failed
+            if status != 0x0000:  # stored: moved into the store (or an identical re-send)
+                with contextlib.suppress(OSError):  # e.g. a read-only file system
+                    path.unlink(missing_ok=True)
         self.respond(message, C_STORE_RSP, status, sop_class=sop_class, sop_uid=sop_uid,
                      comment=comment)
 

@@ -200,7 +200,11 @@ def _raw_elements(raw: RawElements) -> Elements:
     encoding: Any = None
     codec: str | None = "latin_1"
     if charset is not None:
-        encoding, codec = _charset(convert_raw_data_element(charset).value)
+        text = charset.value.decode("ascii", "replace").strip(" \x00") if charset.value \
+            else ""
+        # One value (the usual case) is the text itself; several go through pydicom.
+        value = text if "\\" not in text else convert_raw_data_element(charset).value
+        encoding, codec = _charset(value)
     found: Elements = {}
     ds: Dataset | None = None
     for tag, element in raw.items():

@@ -299,7 +299,7 @@ class StagingPool:
             ready = self._ready.pop() if self._ready else None
             self._cond.notify()
         if ready is None:
-            return new_staging_file(self._make_directory())
+            return self._new_file()
         try:
             return ready, os.open(ready, os.O_WRONLY)
         except OSError:
@@ -319,9 +319,12 @@ class StagingPool:
         with contextlib.suppress(OSError):  # still in use by another process: it stays
             os.rmdir(self.directory)
 
-    def _make_directory(self) -> str:
-        os.makedirs(self.directory, exist_ok=True)
-        return self.directory
+    def _new_file(self) -> tuple[str, int]:
+        try:
+            return new_staging_file(self.directory)
+        except FileNotFoundError:  # the first one (or staging was cleared meanwhile)
+            os.makedirs(self.directory, exist_ok=True)
+            return new_staging_file(self.directory)
 
     def _fill(self) -> None:
         while True:
@@ -331,7 +334,7 @@ class StagingPool:
                 if self._closed:
                     return
             try:
-                made, fd = new_staging_file(self._make_directory())
+                made, fd = self._new_file()
                 os.close(fd)
             except OSError as exc:
                 log.debug("staging pool: cannot create a file (%s); retrying later", exc)
