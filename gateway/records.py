@@ -355,6 +355,8 @@ class _File:
         return os.pread(self.fd, length, position)
 
 
+#: Header length (8 or 12 bytes) of an explicit VR element, by the VR as on the wire.
+_HEADER_OF_VR = {vr: 12 if vr in _LONG_VRS else 8 for vr in _VRS_ON_WIRE}
 _SHORT_HEADER = struct.Struct("<HH2sH")  # explicit VR: group, element, VR, 16-bit length
 _IMPLICIT_HEADER = struct.Struct("<HHL")  # implicit VR: group, element, 32-bit length
 _LONG_LENGTH = struct.Struct("<L")
@@ -404,21 +406,18 @@ def _read_simple(handle: BinaryIO) -> tuple[RawElements, str] | None:
             buffer, at = head, position
         else:
             buffer, at = data.bytes(position, 12), 0
-        vr: str | None = None
         if implicit:
             group, element, length = _IMPLICIT_HEADER.unpack_from(buffer, at)
-            header = 8
+            header, vr_bytes = 8, None
         else:
             group, element, vr_bytes, length = _SHORT_HEADER.unpack_from(buffer, at)
-            header = 8
-            if vr_bytes in _LONG_VRS:
+            header = _HEADER_OF_VR.get(vr_bytes, 0)
+            if header == 12:
                 if len(buffer) - at < 12:
                     raise InvalidInstance("data set is truncated inside an element header")
                 length = _LONG_LENGTH.unpack_from(buffer, at + 8)[0]
-                header = 12
-            elif vr_bytes not in _VRS_ON_WIRE:
+            elif not header:
                 return None
-            vr = vr_bytes.decode()
         tag = group << 16 | element
         if tag in _ITEM_TAGS:
             return None
@@ -433,8 +432,8 @@ def _read_simple(handle: BinaryIO) -> tuple[RawElements, str] | None:
             raise InvalidInstance(f"data set is truncated: {end - size} bytes missing")
         if tag in _WANTED_SET:
             elements[tag] = RawDataElement(
-                BaseTag(tag), vr, length, data.bytes(value_position, length), value_position,
-                implicit, True)
+                BaseTag(tag), vr_bytes.decode() if vr_bytes else None, length,
+                data.bytes(value_position, length), value_position, implicit, True)
         position = end
     if position > size:
         raise InvalidInstance(f"data set is truncated: {position - size} bytes missing")
