@@ -13,9 +13,10 @@ key, ES384 with an EC P-384 key).
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 
-from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, RSAKey
+if TYPE_CHECKING:
+    from joserfc.jwk import ECKey, RSAKey
 
 #: Algorithms a SMART client must support for its assertions (client-confidential-asymmetric).
 SIGNING_ALGORITHMS = ("RS384", "ES384")
@@ -71,6 +72,11 @@ def load_signing_key(pem: Secret, algorithm: str | None) -> tuple[RSAKey | ECKey
         The text is not an RSA or EC P-384 private key, or does not fit ``algorithm``. The
         message never quotes the key.
     """
+    # Imported here: settings (which load this module) are read by every process, and only
+    # the publisher signs (joserfc and cryptography are ~10 MB a process).
+    from joserfc.errors import JoseError
+    from joserfc.jwk import ECKey, RSAKey
+
     text = pem.reveal().encode()
     key: RSAKey | ECKey
     try:

@@ -156,10 +156,24 @@ class ReceiverPool:
 _START_TIMEOUT = 60.0
 
 
+#: Libraries pydicom loads when it can, for pixel data and downloads, that a receiver process
+#: never needs (about 20 MB a process): kept out of receiver processes.
+NOT_IN_RECEIVERS = ("numpy", "PIL", "requests")
+
+
+def _without_optional_libraries() -> None:
+    """Make importing :data:`NOT_IN_RECEIVERS` fail in this process, as if they were not
+    installed (pydicom then runs without them, as it supports)."""
+    for module in NOT_IN_RECEIVERS:
+        if module not in sys.modules:
+            sys.modules[module] = None  # type: ignore[assignment]
+
+
 def _worker_main(name: str, control: socket.socket) -> None:
     """A receiver process: serve each storage association handed over until told to stop."""
     import multiprocessing
 
+    _without_optional_libraries()
     multiprocessing.current_process().name = name  # %(processName)s in its log lines
     settings: Settings = pickle.loads(control.recv(1 << 20))  # from our own parent
     setup_logging(settings)

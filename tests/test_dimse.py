@@ -395,6 +395,14 @@ def test_receiver_processes_share_the_associations(make_gateway: object,
     assert gw.process is not None
     children = psutil.Process(gw.process.pid).children(recursive=True)
     assert children, "no receiver process was started"
+    # A receiver process holds only the write path: no pixel or download libraries.
+    from gateway.workers import NOT_IN_RECEIVERS
+
+    for child in children:
+        mapped = {Path(region.path).parts for region in child.memory_maps()}
+        loaded = {name for name in NOT_IN_RECEIVERS for parts in mapped
+                  if name.lower() in (part.lower() for part in parts)}
+        assert not loaded, f"receiver process {child.pid} loaded {loaded}"
     assert gw.stop() == 0
     # multiprocessing's resource tracker, a child too, exits a moment after its parent
     _gone, alive = psutil.wait_procs(children, timeout=10)
