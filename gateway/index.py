@@ -469,9 +469,9 @@ class Index:
         non-durable commits from now on; :meth:`marked` once it has committed."""
         stmt = self._insert(recovery_mark).values(
             SeriesInstanceUID=series_uid, StudyInstanceUID=study_uid, marked_at=now)
-        conn.execute(stmt.on_conflict_do_update(
+        conn.execute(stmt.on_conflict_do_update(  # a mark never moves back in time
             index_elements=["SeriesInstanceUID"],
-            set_={"marked_at": stmt.excluded.marked_at,
+            set_={"marked_at": func.max(recovery_mark.c.marked_at, stmt.excluded.marked_at),
                   "StudyInstanceUID": stmt.excluded.StudyInstanceUID}))
 
     def marked(self, series_uids: Iterable[str], now: float) -> None:
