@@ -310,6 +310,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "fsync every blob and its directory before acknowledging. Turn off only for "
             "throw-away test instances.",
         ),
+        "fsync_directories": Key(
+            _choice("auto", "always"), "auto",
+            "`auto`: skip the directory fsync after a new blob's own fsync where the file "
+            "system makes the blob's name durable with it (ext4, XFS on Linux); `always`: "
+            "fsync the directory too, on any file system.",
+        ),
     },
     "index": {
         "url": Key(

@@ -58,7 +58,8 @@ def _resource_error(exc: OSError, action: str) -> OutOfResources:
 class FileStorage:
     """Blobs as files under ``root`` (the default backend)."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True,
+                 fsync_directories: str = "always") -> None:
         self.root = root.resolve()
         self.fsync = fsync
         self._staging = self.root / ".staging"
@@ -71,6 +72,9 @@ class FileStorage:
             self._staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _resource_error(exc, f"creating {self._staging}") from exc
+        #: Whether :meth:`sync` fsyncs a new blob's directory after the blob itself.
+        self.fsync_new_directories = fsync_directories == "always" or \
+            file_system_type(self._root) not in NAME_DURABLE_WITH_FILE
 
     # -- paths -----------------------------------------------------------------------------------
     def path_for(self, key: str) -> Path:
@@ -123,8 +127,10 @@ class FileStorage:
             raise _resource_error(exc, f"storing {key}") from exc
 
     def sync(self, keys: Iterable[str]) -> dict[str, OutOfResources]:
-        """fsync each blob, then each of their directories once; returns the keys that could
-        not be made durable, with why."""
+        """Make newly named blobs durable: fsync each (its rename into place came first), then
+        each of their directories once, unless the file system made the names durable with
+        the blobs (:data:`NAME_DURABLE_WITH_FILE`); returns the keys that could not be made
+        durable, with why."""
         failed: dict[str, OutOfResources] = {}
         if not self.fsync:
             return failed
@@ -137,6 +143,8 @@ class FileStorage:
                 failed[key] = _resource_error(exc, f"syncing {key}")
                 continue
             directories.setdefault(os.path.dirname(path), []).append(key)
+        if not self.fsync_new_directories:
+            return failed
         for directory, members in directories.items():
             try:
                 _fsync_dir(directory)
@@ -346,6 +354,36 @@ class StagingPool:
             if closed:  # closed while this one was being made: remove it too
                 self.close()
                 return
+
+
+#: File systems on which fsync of a file also makes durable the rename that gave it its name,
+#: so a directory fsync after it would only add a device flush. ext4 with a journal commits
+#: the transaction that last changed the inode, and a rename changes it (its ctime); without
+#: a journal, fsync of a file not yet synced since its creation writes its current parent
+#: directory (ext4_sync_parent). XFS forces its log up to the inode's last change, the
+#: rename included. Anything else gets the directory fsync POSIX asks for.
+NAME_DURABLE_WITH_FILE = frozenset({"ext4", "xfs"})
+
+
+def file_system_type(path: str) -> str:
+    """The type of the file system ``path`` lies on (Linux ``/proc/self/mounts``; "" when it
+    cannot be told)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+            entries = [line.split() for line in mounts]
+    except OSError:
+        return ""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for fields in entries:
+        if len(fields) < 3:
+            continue
+        # Mount points escape space, tab, newline and backslash as octal (\040 …).
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
 
 
 def _load_sync_file_range() -> object | None:

@@ -153,6 +153,7 @@ BAD_FILES = [
     ("storage.duplicate_policy", '[storage]\nduplicate_policy = "overwrite"'),
     ("storage.min_free_bytes", "[storage]\nmin_free_bytes = -1"),
     ("storage.fsync", '[storage]\nfsync = "sometimes"'),
+    ("storage.fsync_directories", '[storage]\nfsync_directories = "never"'),
     ("index.url", "[index]\nurl = 5"),
     ("log.level", '[log]\nlevel = "verbose"'),
     ("dimse.peers.STORESCP.port", '[dimse.peers.STORESCP]\nhost = "h"\nport = 99999'),

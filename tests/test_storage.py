@@ -161,3 +161,35 @@ def test_the_staging_pool_keeps_empty_files_ready_and_removes_the_idle_ones_on_c
     storage.close()
     assert {str(p) for p in ready.iterdir()} == set(taken)
     assert all(Path(name).read_bytes() == b"received" for name in taken)
+
+
+@pytest.mark.parametrize(("kind", "setting", "directory_synced"), [
+    ("ext4", "auto", False), ("xfs", "auto", False),  # the blob's fsync carries its name
+    ("btrfs", "auto", True), ("nfs4", "auto", True), ("", "auto", True),
+    ("ext4", "always", True),
+])
+def test_a_new_blobs_directory_is_fsynced_unless_its_own_fsync_made_the_name_durable(
+        tmp_path, monkeypatch, kind, setting, directory_synced):
+    from gateway import storage as storage_module
+
+    synced: list[str] = []
+    monkeypatch.setattr(storage_module, "file_system_type", lambda path: kind)
+    monkeypatch.setattr(storage_module, "_fsync_dir", lambda path: synced.append(str(path)))
+    storage = FileStorage(tmp_path / "root", fsync_directories=setting)
+    key = instance_key("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    source = tmp_path / "received.dcm"
+    source.write_bytes(b"data")
+    storage.put_file(key, source, move=True, durable=False)
+    assert storage.sync([key]) == {}
+    series_directory = str(storage.path_for(key).parent)
+    assert (series_directory in synced) is directory_synced
+    # A directory made for the blob is always fsync'd in its parent, whatever the setting.
+    assert str(storage.path_for(key).parent.parent) in synced
+
+
+def test_the_file_system_of_a_path_is_read_from_the_mount_table(tmp_path):
+    from gateway.storage import file_system_type
+
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    assert file_system_type("/") == next(f[2] for f in mounts if f[1] == "/")
+    assert file_system_type(str(tmp_path)) != ""
