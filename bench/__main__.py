@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="override the dataset seed")
     p.add_argument("--no-sync", action="store_true",
                    help="don't sync dirty pages to disk between runs (runs then interfere)")
+    p.add_argument("--keep-runs", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each ingest run's files until all are done instead of deleting "
+                   "them before the next run (default: when the disk has room for every "
+                   "run; see bench.ingest.KEEP_RUNS)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "docs/benchmarks.md",
                    help="Markdown report (default docs/benchmarks.md)")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "bench/results/latest.json",
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     assocs_list = [int(a) for a in args.assocs.split(",") if a.strip()]
     targets = choose_targets(args.targets)
     targets_mod.SYNC_BETWEEN_RUNS = not args.no_sync
+    ingest.KEEP_RUNS = args.keep_runs
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     load1 = os.getloadavg()[0]

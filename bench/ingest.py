@@ -22,6 +22,7 @@ after ``SETTLE_TIMEOUT`` seconds, is ``failed`` and carries no figures.
 from __future__ import annotations
 
 import resource
+import shutil
 import statistics
 import subprocess
 import time
@@ -144,8 +145,22 @@ def _settle(target: Target, rt: RunningTarget, expected: int,
         time.sleep(0.05)
 
 
+KEEP_RUNS: bool | None = None
+"""Keep every run's files until all ingest runs are done instead of deleting them before the
+next run: True (``--keep-runs``), False (``--no-keep-runs``), None (default: keep them when
+the disk has room for every run). On ext4 without a journal (this project's benchmark
+machine) a new file is slow to create for a minute after many files near it were deleted
+(the allocator skips recently freed inodes: 0.3 to 1.4 ms of system time per file instead of
+~0.05 ms), so deleting between runs makes every run pay for the previous one's deletion, and
+a target that creates a file per instance on its critical path (storescp, Orthanc) most."""
+KEPT_RUNS = False
+"""Whether the last :func:`run_all` kept its runs' files (for the report)."""
+ROOM_MARGIN = 5 * 10**9
+"""Free bytes left over when runs are kept (default mode)."""
+
+
 def run_once(target: Target, dataset: GeneratedDataset, assocs: int, run: int,
-             workroot: Path) -> IngestRun:
+             workroot: Path, kept: list[RunningTarget] | None = None) -> IngestRun:
     """Start ``target`` fresh, ingest the whole dataset over ``assocs`` associations, stop it."""
     result = IngestRun(target=target.name, assocs=assocs, run=run, status="failed", error=None,
                        instances=dataset.instances, bytes=dataset.total_bytes,
@@ -166,7 +181,11 @@ def run_once(target: Target, dataset: GeneratedDataset, assocs: int, run: int,
         rt.stop()
         if result.status == "failed" and result.error:
             result.error += f"\n--- server log tail ---\n{rt.log_tail()}"
-        rt.cleanup()
+        if kept is None:
+            rt.cleanup()
+        else:
+            rt.sync()
+            kept.append(rt)
     return result
 
 
@@ -220,18 +239,30 @@ def run_all(targets: list[Target], dataset: GeneratedDataset, assocs_list: list[
 
     A target that fails to start is not tried again (its later runs are skipped).
     """
+    global KEPT_RUNS
     results: list[IngestRun] = []
     broken: set[str] = set()
-    for run in range(1, runs + 1):
-        for assocs in assocs_list:
-            for target in targets:
-                if target.name in broken:
-                    continue
-                res = run_once(target, dataset, assocs, run, workroot)
-                if res.status != "ok" and res.startup_s is None:
-                    broken.add(target.name)
-                results.append(res)
-                progress(res)
+    keep = KEEP_RUNS
+    if keep is None:  # room for every run's files (and the gateway's index beside them)?
+        need = int(len(targets) * len(assocs_list) * runs * dataset.total_bytes * 1.1)
+        workroot.mkdir(parents=True, exist_ok=True)
+        keep = shutil.disk_usage(workroot).free > need + ROOM_MARGIN
+    KEPT_RUNS = keep
+    kept: list[RunningTarget] | None = [] if keep else None
+    try:
+        for run in range(1, runs + 1):
+            for assocs in assocs_list:
+                for target in targets:
+                    if target.name in broken:
+                        continue
+                    res = run_once(target, dataset, assocs, run, workroot, kept)
+                    if res.status != "ok" and res.startup_s is None:
+                        broken.add(target.name)
+                    results.append(res)
+                    progress(res)
+    finally:
+        for rt in kept or ():
+            rt.cleanup()
     return results
 
 
@@ -359,7 +390,15 @@ def render_markdown(summaries: list[IngestSummary], targets: list[Target],
         "found stored.",
         "- **server CPU s**: user+system CPU of the target's whole process tree in that window; "
         "**peak RSS MB**: the largest summed RSS of the tree over 50 ms samples.",
-        "- **between runs** the target's files are deleted and "
+        "- **between runs** the target's files are "
+        + ("kept until every run is done (deleting them would make files created in the "
+           "next minute near the deleted ones cost 0.3-1.4 ms of system time each instead of "
+           "~0.05 ms on this machine's ext4 without a journal: every run would pay for the "
+           "previous one's deletion)" if KEPT_RUNS else
+           "deleted (`--no-keep-runs`, or too little room to keep them: on this machine's "
+           "ext4 without a journal, files created in the next minute near the deleted ones "
+           "cost 0.3-1.4 ms of system time each instead of ~0.05 ms)")
+        + " and "
         + ("dirty pages are synced to disk (outside the window), so one run's writeback "
            "does not slow the next." if targets_mod.SYNC_BETWEEN_RUNS else
            "dirty pages are NOT synced (`--no-sync`): a run may pay for the previous "

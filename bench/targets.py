@@ -509,6 +509,11 @@ class RunningTarget:
                 continue
         self.proc = None
 
+    def sync(self) -> None:
+        """If :data:`SYNC_BETWEEN_RUNS`, flush dirty pages (the run's files stay)."""
+        if SYNC_BETWEEN_RUNS:
+            os.sync()
+
     def cleanup(self) -> None:
         """Delete the target's directory and, if :data:`SYNC_BETWEEN_RUNS`, flush dirty pages.
 
