@@ -343,6 +343,35 @@ def _row(s: IngestSummary, descriptions: dict[str, str]) -> list[str]:
     ]
 
 
+RATIO_GOALS = {1: 0.50, 4: 0.80}
+"""Issue 6: the gateway's inst/s over storescp's, by parallelism (Orthanc: 0.35 and 0.61)."""
+RSS_GOAL_ASSOCS = 4
+"""Issue 6: peak RSS while ingesting with this many associations no more than Orthanc's."""
+
+
+def _goals(summaries: list[IngestSummary]) -> list[str]:
+    """The issue's ingest goals for the default gateway, met or missed (empty if unmeasured)."""
+    by = {(s.target, s.assocs): s for s in summaries if s.runs_ok}
+    rows = []
+    for assocs, goal in RATIO_GOALS.items():
+        gw, orthanc = by.get(("gateway", assocs)), by.get(("orthanc", assocs))
+        if gw is None or gw.ratio is None:
+            continue
+        rows.append([
+            f"{assocs} assoc.: inst/s ratio to storescp", f"{gw.ratio:.2f}",
+            f"{orthanc.ratio:.2f}" if orthanc and orthanc.ratio is not None else "-",
+            f"≥ {goal:.2f}", "met" if gw.ratio >= goal else "**missed**"])
+    gw, orthanc = by.get(("gateway", RSS_GOAL_ASSOCS)), by.get(("orthanc", RSS_GOAL_ASSOCS))
+    if gw and orthanc and gw.server_peak_rss_mb and orthanc.server_peak_rss_mb:
+        mine, theirs = gw.server_peak_rss_mb.median, orthanc.server_peak_rss_mb.median
+        rows.append([f"{RSS_GOAL_ASSOCS} assoc.: peak RSS MB", f"{mine:.0f}", f"{theirs:.0f}",
+                     "≤ Orthanc's", "met" if mine <= theirs else "**missed**"])
+    if not rows:
+        return []
+    return ["", "### Goals (issue 6)", "",
+            md_table(["measure", "gateway", "orthanc", "goal", "state"], rows)]
+
+
 DISTURBED_CORES = 0.2
 """Other load (in cores) above which the report flags the figures as disturbed."""
 
@@ -383,6 +412,7 @@ def render_markdown(summaries: list[IngestSummary], targets: list[Target],
         rows = [_row(s, descriptions) for s in summaries if s.assocs == assocs]
         label = "1 association" if assocs == 1 else f"{assocs} parallel associations"
         parts += ["", f"### {label}", "", md_table(HEADER, rows)]
+    parts += _goals(summaries)
     parts += [
         "",
         "- **inst/s**, **MB/s** (10^6 bytes of Part-10 files): over the window from launching "
