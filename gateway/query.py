@@ -467,7 +467,10 @@ _ORDER = {"PATIENT": patient.c.id, "STUDY": study.c.id, "SERIES": series.c.id,
           "IMAGE": instance.c.id}
 
 
+@functools.cache
 def _base(level: str) -> Select[Any]:
+    """Every indexed column of ``level`` and the levels above, joined (built once per level:
+    a ``Select`` is immutable, each ``where`` makes a new one)."""
     tables = _JOINS[level]
     joined: Any = tables[0]
     for table in tables[1:]:
