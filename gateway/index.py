@@ -957,6 +957,14 @@ class Index:
                 conn.execute(delete(table))
 
 
+SQLITE_CACHE_KIB = 16384
+"""Page cache of each SQLite connection (SQLite's default is 2 MiB). Pages missing from it are
+read from the operating system's cache one system call each; at 1,000,000 instances a year's
+studies touch more than 2 MiB of pages, so the default made a one-year QIDO-RS query re-read
+them on every request (bench scale measure: SQL alone 22 -> 7 ms). Memory is taken as pages are
+read, so a small index never fills it."""
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
@@ -971,6 +979,7 @@ def _make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cursor.close()
 
         return engine

@@ -7,6 +7,7 @@ query and the studies/series it must find, with the clause of the standard it ch
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -17,7 +18,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from gateway.bootstrap import Services, build_services
 from gateway.config import load_settings
-from gateway.index import study
+from gateway.index import SQLITE_CACHE_KIB, Index, study
 from gateway.query import (
     Condition,
     Query,
@@ -235,3 +236,15 @@ def test_any_wildcard_value_matches_like_the_python_reference(value: str) -> Non
     pattern = _pattern(_wildcard_tokens(value), sqlite=True)
     got = {r[0] for r in db.execute("SELECT v FROM t WHERE v GLOB ?", (pattern,))}
     assert got == expected
+
+
+def test_sqlite_connections_keep_a_page_cache_for_a_large_index(tmp_path: Path) -> None:
+    """SQLite's 2 MiB default made a one-year query at 1M instances re-read its pages on
+    every request (see ``gateway.index.SQLITE_CACHE_KIB``)."""
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    try:
+        with index.engine.connect() as conn:
+            size = conn.exec_driver_sql("PRAGMA cache_size").scalar()
+    finally:
+        index.close()
+    assert size == -SQLITE_CACHE_KIB and SQLITE_CACHE_KIB >= 8192
