@@ -522,11 +522,10 @@ class Index:
         return bool(row and row[0])
 
     def end_running(self) -> None:
-        """A clean stop: every commit durable, nothing to recover at the next start."""
-        self._unsynced.set()
-        self.sync()
+        """A clean stop: every commit durable, nothing to recover at the next start (one
+        durable commit: it fsyncs the whole WAL, every earlier commit with it)."""
         with self.write() as conn:
-            conn.execute(update(index_state).values(running=0))
+            conn.execute(update(index_state).values(running=0, synced_at=time.time()))
 
     def recovery_candidates(self) -> list[tuple[str, str]]:
         """(study, series) UIDs whose blobs may lack rows after a machine crash: the series
@@ -539,10 +538,11 @@ class Index:
                                 .order_by(recovery_mark.c.marked_at)).all()
         return [(row[0], row[1]) for row in rows]
 
-    def sop_uids_of_series(self, series_uid: str) -> set[str]:
+    def blob_keys_of_series(self, series_uid: str) -> set[str]:
+        """The storage keys the index names for the instances of one series."""
         with self.engine.connect() as conn:
             return set(conn.execute(
-                select(instance.c.SOPInstanceUID).select_from(instance.join(series))
+                select(instance.c.blob_key).select_from(instance.join(series))
                 .where(series.c.SeriesInstanceUID == series_uid)).scalars())
 
     # -- reads -----------------------------------------------------------------------------------

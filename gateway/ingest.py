@@ -9,7 +9,8 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
 3. compare with what is stored under the same SOP Instance UID (identical → success, nothing
    changes; different → the configured duplicate policy);
 4. move the blob into place (rename; a new instance is not yet indexed) and make it durable
-   (fsync of file and directory), each store in its own thread, so the flushes of concurrent
+   (fsync of the file, and of its directory where the file system needs it:
+   ``storage.fsync_directories``), each store in its own thread, so the flushes of concurrent
    stores overlap;
 5. in ONE index transaction, upsert patient/study/series/instance rows, refresh the counts
    and queue the study in the publish outbox; concurrent stores share the commit
@@ -119,9 +120,10 @@ class GroupCommit:
 
     Every store waits until its rows are committed, exactly as if it were alone. But when
     stores run concurrently (several associations, STOW-RS requests), the first to arrive
-    commits everything that queued up meanwhile: one index commit (one WAL fsync) for the
-    lot. Leader/followers, no extra thread: a lone sender pays nothing for it. Each instance
-    gets its own savepoint, so one bad row cannot fail the others. Only a blob already
+    commits everything that queued up meanwhile: one index commit for the lot (on SQLite it
+    does not wait for the disk either, see :mod:`gateway.index`). Leader/followers, no extra
+    thread: a lone sender pays nothing for it. Each instance gets its own savepoint, so one
+    bad row cannot fail the others. Only a blob already
     durable is queued here (:meth:`Ingest.store_file` makes it so first, in the storing
     thread: the flushes of concurrent stores then overlap instead of queueing behind one
     leader).
@@ -156,27 +158,26 @@ class GroupCommit:
             raise item.error
 
     def _commit(self, batch: list[_Pending]) -> None:
-        ready = batch
         # The commit need not wait for the disk, unless a series is new to this process (or
         # was last marked long ago): then it is marked for recovery in a durable commit
         # first (gateway.index, "Durability on SQLite").
         now = time.time()
-        to_mark = {p.record.series_uid: p.record.study_uid for p in ready
+        to_mark = {p.record.series_uid: p.record.study_uid for p in batch
                    if self.index.needs_mark(p.record.series_uid, now)}
         try:
             with self.index.write(durable=bool(to_mark)) as conn:
                 for series_uid, study_uid in to_mark.items():
                     self.index.mark(conn, study_uid, series_uid, now)
-                if len(ready) == 1:  # alone, the transaction is its savepoint: a failure
-                    self._upsert(conn, ready[0])  # rolls it back
+                if len(batch) == 1:  # alone, the transaction is its savepoint: a failure
+                    self._upsert(conn, batch[0])  # rolls it back
                 else:
-                    self._upsert_each(conn, ready)
+                    self._upsert_each(conn, batch)
             self.index.marked(to_mark, now)
         except StoreError as exc:
-            for pending in ready:
+            for pending in batch:
                 pending.error = pending.error or exc
         except Exception as exc:
-            for pending in ready:
+            for pending in batch:
                 pending.error = pending.error or OutOfResources(f"index unavailable: {exc}")
 
     def _upsert_each(self, conn: Connection, ready: list[_Pending]) -> None:
@@ -352,9 +353,9 @@ class Ingest:
         taken from the index of acknowledged, durable blobs. Returns how many it indexed."""
         indexed = 0
         for study_uid, series_uid in self.index.recovery_candidates():
-            known = self.index.sop_uids_of_series(series_uid)
+            named = self.index.blob_keys_of_series(series_uid)
             for key in self.storage.series_keys(study_uid, series_uid):
-                if key.rsplit("/", 1)[1][:-4] in known:
+                if key in named:
                     continue
                 try:
                     self.index_blob(key)

@@ -222,12 +222,10 @@ class FileStorage:
 
     def series_keys(self, study_uid: str, series_uid: str) -> list[str]:
         """The keys of every blob stored under one series (none if the UIDs are invalid)."""
-        try:
-            directory = os.path.dirname(self.file_of(instance_key(study_uid, series_uid, "1")))
-        except (InvalidInstance, ValueError):
+        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
             return []
         try:
-            names = os.listdir(directory)
+            names = os.listdir(f"{self._root}/{study_uid}/{series_uid}")
         except FileNotFoundError:
             return []
         keys = (f"{study_uid}/{series_uid}/{name}" for name in sorted(names))
