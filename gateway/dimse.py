@@ -113,6 +113,7 @@ class DimseNode:
         # a rename, not a copy.
         receiver.ReceiveSink.stage_into(ingest.storage)
         self.store = receiver.storing_into(ingest)
+        self.lean_store = receiver.storing_into(ingest, index_after_response=True)
         self.ae = self._make_ae()
         dimse = settings.dimse
         self.lean_upper_layer = dimse["lean_upper_layer"]
@@ -230,7 +231,8 @@ class DimseNode:
 
     def serve_lean(self, sock: socket.socket, address: tuple[str, int]) -> None:
         """Serve one association on the lean Upper Layer, in the calling thread."""
-        receiver.serve_association(sock, address, self.policy, self.store, self.lean_qr)
+        receiver.serve_association(sock, address, self.policy, self.lean_store,
+                                    self.lean_qr)
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting associations, let the open ones finish (up to ``drain_seconds``),
@@ -261,8 +263,8 @@ class DimseNode:
         calling = event.assoc.requestor.ae_title
         request: Any = event.request  # a C_STORE primitive
         sop_uid = str(request.AffectedSOPInstanceUID)
-        status, _comment = self.store(event.dataset_path, str(event.context.abstract_syntax),
-                                      sop_uid, calling)
+        status, _comment, _ = self.store(event.dataset_path,
+                                         str(event.context.abstract_syntax), sop_uid, calling)
         return status
 
     def _on_accepted(self, event: evt.Event) -> None:

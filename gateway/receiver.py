@@ -119,34 +119,39 @@ def storage_only(rq: A_ASSOCIATE) -> bool:
                for cx in rq.presentation_context_definition_list)
 
 
-def storing_into(ingest: Any) -> StoreHandler:
+def storing_into(ingest: Any, *, index_after_response: bool = False) -> StoreHandler:
     """The C-STORE handler over the write path (:meth:`gateway.ingest.Ingest.store_file`):
-    the status and, for failures, an error comment. Shared by the lean Upper Layer and the
-    pynetdicom handler."""
+    the status, for failures an error comment, and what to run once the response is sent.
+    Shared by the lean Upper Layer (``index_after_response``: the index rows are committed
+    after the response, see "Index later" in :mod:`gateway.ingest`) and the pynetdicom
+    handler (which answers only when the handler returns, so commits before)."""
 
-    def store(path: Path, sop_class: str, sop_uid: str, calling: str) -> tuple[int, str]:
+    def store(path: Path, sop_class: str, sop_uid: str, calling: str) -> StoreReply:
         try:
             sink = ReceiveSink.for_path(path)
             if sink is not None:
                 sink.finish()  # flush; a write that failed while receiving is 0xA700 here
             result = ingest.store_file(path, move=True, expected_sop_class=sop_class,
-                                       expected_sop_uid=sop_uid, source=calling)
+                                       expected_sop_uid=sop_uid, source=calling,
+                                       defer_index=index_after_response)
         except StoreError as exc:
             log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
                         exc.status, sop_uid, exc)
-            return exc.status, str(exc)
+            return exc.status, str(exc), None
         except Exception:
             log.exception("C-STORE from %s: unexpected error storing SOP Instance %s",
                           calling, sop_uid)
-            return 0xA700, "internal error; please retry"  # the sender keeps it and retries
+            return 0xA700, "internal error; please retry", None  # the sender retries
         log.debug("C-STORE from %s %s study %s sop %s", calling, result.outcome,
                   result.study_uid, result.sop_uid)
-        return 0x0000, ""
+        return 0x0000, "", result.commit_index
 
     return store
 
-#: handler(path, sop_class_uid, sop_instance_uid, calling_ae) -> (status, error_comment)
-StoreHandler = Callable[[Path, str, str, str], tuple[int, str]]
+#: (status, error_comment, after): ``after`` is None or what to run once the response is sent.
+StoreReply = tuple[int, str, Callable[[], None] | None]
+#: handler(path, sop_class_uid, sop_instance_uid, calling_ae) -> StoreReply
+StoreHandler = Callable[[Path, str, str, str], StoreReply]
 #: handler(association, message): serves one C-FIND, C-MOVE or C-GET request to its end.
 QueryRetrieveHandler = Callable[["Association", Message], None]
 
@@ -571,7 +576,7 @@ class Association:
         sop_uid = message.text(AFFECTED_SOP_INSTANCE)
         status = 0xA700
         try:  # on_store finishes the sink (the same call for pynetdicom's path)
-            status, comment = self.on_store(path, abstract, sop_uid, self.calling_ae)
+            status, comment, after = self.on_store(path, abstract, sop_uid, self.calling_ae)
         finally:
             sink.close()
             if status != 0x0000:  # stored: moved into the store (or an identical re-send)
@@ -579,6 +584,8 @@ class Association:
                     path.unlink(missing_ok=True)
         self.respond(message, C_STORE_RSP, status, sop_class=sop_class, sop_uid=sop_uid,
                      comment=comment)
+        if after is not None:  # the index rows, while the sender prepares its next request
+            after()
 
     def _discard_partial(self) -> None:
         """An association that ended mid-data-set: nothing was acknowledged, drop it."""

@@ -185,7 +185,7 @@ def _worker_main(name: str, control: socket.socket) -> None:
     # The main process has checked the called AE title (ours or a cohort's) before handing over.
     policy = receiver.Policy.of(settings.dimse, receiver.storage_contexts(),
                                 check_called_ae=False)
-    store = receiver.storing_into(ingest)
+    store = receiver.storing_into(ingest, index_after_response=True)
     send_lock = threading.Lock()
     threads: list[threading.Thread] = []
 

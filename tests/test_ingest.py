@@ -190,3 +190,72 @@ def test_a_machine_crash_loses_no_acknowledged_instance_of_the_index(
     restarted.index.end_running()
     assert restarted.index.begin_running() is False  # that stop was clean
     restarted.close()
+
+
+def test_an_instance_acknowledged_before_its_index_rows_survives_a_crash_in_between(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Index later" (gateway.ingest): the lean receiver answers a C-STORE once the blob is
+    durable and its series marked for recovery, and commits the index rows after the
+    response. A crash between the two loses nothing: the next start indexes the blob."""
+    from gateway import index as index_module
+
+    monkeypatch.setattr(index_module, "SYNC_SECONDS", 3600.0)  # no periodic sync meanwhile
+    data = tmp_path / "data"
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(data)}})
+    services = build_services(settings)
+    assert services.index.begin_running() is False
+    first, acknowledged = fresh_copies(tmp_path, 2)
+    services.ingest.store_file(first, move=False, source="test")  # an older store, indexed
+    result = services.ingest.store_file(acknowledged, move=True, source="test",
+                                        defer_index=True)
+    assert result.outcome == "stored" and result.commit_index is not None
+    assert not acknowledged.exists()  # moved into the store, and durable (fsync'd) there
+    assert services.index.find_instance(result.sop_uid) is None  # its rows: not yet
+    assert (result.study_uid, result.series_uid) in services.index.recovery_candidates()
+    services.index.close(sync=False)  # the machine stops before result.commit_index() ran
+
+    restarted = build_services(settings)
+    assert restarted.index.begin_running() is True
+    assert restarted.ingest.recover() == 1
+    assert restarted.index.find_instance(result.sop_uid) is not None
+    assert restarted.index.counts()["instances"] == 2
+    restarted.close()
+
+
+def test_index_rows_committed_after_the_response_are_retried_then_logged_never_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
+    services = build_services(settings)
+    (path,) = fresh_copies(tmp_path, 1)
+    result = services.ingest.store_file(path, move=True, source="test", defer_index=True)
+    assert result.commit_index is not None
+    upsert = services.index.upsert_instance
+    attempts: list[int] = []
+
+    def failing_once(conn: Any, record: Any, **kwargs: Any) -> None:  # failure injection
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("injected index failure")
+        upsert(conn, record, **kwargs)
+
+    monkeypatch.setattr(services.index, "upsert_instance", failing_once)
+    result.commit_index()  # the first attempt fails, the retry commits
+    assert len(attempts) == 2
+    assert services.index.find_instance(result.sop_uid) is not None
+
+    (tmp_path / "other").mkdir()
+    (other,) = fresh_copies(tmp_path / "other", 1)
+    later = services.ingest.store_file(other, move=True, source="test", defer_index=True)
+    assert later.commit_index is not None
+    monkeypatch.setattr(services.index, "upsert_instance", _always_failing)
+    with caplog.at_level("ERROR", logger="gateway.ingest"):
+        later.commit_index()  # both attempts fail: logged, not raised
+    assert services.index.find_instance(later.sop_uid) is None
+    assert f"{later.sop_uid} was acknowledged" in caplog.text
+    assert "imaging-gateway reindex" in caplog.text
+    services.close()
+
+
+def _always_failing(conn: Any, record: Any, **kwargs: Any) -> None:
+    raise RuntimeError("injected index failure")
