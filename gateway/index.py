@@ -22,8 +22,12 @@ loses no acknowledged instance:
 * before its series' first such commit (and again every ``RECOVERY_WINDOW / 2`` seconds) a
   durable commit records the series in ``recovery_mark``;
 * a start after an unclean stop (``index_state.running`` still set) re-indexes the blobs of
-  every series marked within ``RECOVERY_WINDOW`` seconds before the last durable sync
+  every series marked within ``RECOVERY_WINDOW`` seconds before the last durable sync that
+  have no row, or were written after their row (replaced in place)
   (:meth:`Index.recovery_candidates`, :meth:`gateway.ingest.Ingest.recover`).
+
+The C-STORE path may also commit after its response ("Index later" in :mod:`gateway.ingest`);
+its series is marked before the response, so the same recovery covers it.
 
 A lost commit happened after the last sync S; its series was marked durably at most
 ``RECOVERY_WINDOW / 2`` seconds before it, so after ``S - RECOVERY_WINDOW``: recovery scans it.
@@ -538,12 +542,14 @@ class Index:
                                 .order_by(recovery_mark.c.marked_at)).all()
         return [(row[0], row[1]) for row in rows]
 
-    def blob_keys_of_series(self, series_uid: str) -> set[str]:
-        """The storage keys the index names for the instances of one series."""
+    def blob_keys_of_series(self, series_uid: str) -> dict[str, float]:
+        """The storage keys the index names for the instances of one series, each with when
+        its row was written (``received_at``, seconds since the epoch)."""
         with self.engine.connect() as conn:
-            return set(conn.execute(
-                select(instance.c.blob_key).select_from(instance.join(series))
-                .where(series.c.SeriesInstanceUID == series_uid)).scalars())
+            return {key: at for key, at in conn.execute(
+                select(instance.c.blob_key, instance.c.received_at)
+                .select_from(instance.join(series))
+                .where(series.c.SeriesInstanceUID == series_uid))}
 
     # -- reads -----------------------------------------------------------------------------------
     def find_instance(self, sop_uid: str, conn: Connection | None = None) -> StoredInstance | None:

@@ -408,22 +408,35 @@ class Ingest:
         return self._result("stored", record)
 
     def recover(self) -> int:
-        """After an unclean stop: index the blobs that have no row in the series marked for
-        recovery (gateway.index, "Durability on SQLite"): what a machine crash may have
-        taken from the index of acknowledged, durable blobs. Returns how many it indexed."""
+        """After an unclean stop: in the series marked for recovery (gateway.index,
+        "Durability on SQLite"), index the blobs that have no row, and those written after
+        their row (an object replaced in place, ``duplicate_policy = "replace"``, whose new
+        row the crash took): what a machine crash may have taken from the index of
+        acknowledged, durable blobs. Returns how many it indexed.
+
+        "Written after their row": the blob's modification time is later than the row's
+        ``received_at``. A row is always written after its blob, and the kernel's file
+        times are never ahead of the clock, so a current row never qualifies."""
         indexed = 0
         for study_uid, series_uid in self.index.recovery_candidates():
             named = self.index.blob_keys_of_series(series_uid)
             for key in self.storage.series_keys(study_uid, series_uid):
                 if key in named:
-                    continue
+                    try:
+                        if os.stat(self.storage.file_of(key)).st_mtime <= named[key]:
+                            continue
+                    except OSError:
+                        continue  # gone meanwhile: nothing to index
+                    why = "replaced before the unclean stop; its row was older"
+                else:
+                    why = "stored before the unclean stop"
                 try:
                     self.index_blob(key)
                 except StoreError as exc:
                     log.warning("recovery: blob %s not indexed: %s", key, exc)
                     continue
                 indexed += 1
-                log.info("recovery: indexed %s, stored before the unclean stop", key)
+                log.info("recovery: indexed %s, %s", key, why)
         return indexed
 
     def _check_space(self) -> None:

@@ -259,3 +259,46 @@ def test_index_rows_committed_after_the_response_are_retried_then_logged_never_r
 
 def _always_failing(conn: Any, record: Any, **kwargs: Any) -> None:
     raise RuntimeError("injected index failure")
+
+
+def test_an_object_replaced_in_place_before_a_crash_is_indexed_again_from_its_blob(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """duplicate_policy = "replace": the new object takes the old one's blob key, so after a
+    crash that took its new row the key is still named, by the old row. Recovery tells the
+    two apart by time: that blob was written after its row."""
+    from gateway import index as index_module
+
+    monkeypatch.setattr(index_module, "SYNC_SECONDS", 3600.0)
+    data = tmp_path / "data"
+    settings = load_settings(environ={}, overrides={
+        "storage": {"path": str(data), "duplicate_policy": "replace"}})
+    services = build_services(settings)
+    assert services.index.begin_running() is False
+    (original,) = fresh_copies(tmp_path, 1)
+    first = services.ingest.store_file(original, move=False, source="test")
+    services.index.sync()  # the original row is durable
+    replacement = tmp_path / "replacement.dcm"
+    ds = pydicom.dcmread(original)
+    ds.InstanceNumber = 99
+    ds.save_as(replacement)
+    result = services.ingest.store_file(replacement, move=True, source="test",
+                                        defer_index=True)
+    assert result.outcome == "replaced" and result.commit_index is not None
+    services.index.close(sync=False)  # the machine stops before the new row is committed
+
+    restarted = build_services(settings)
+    assert restarted.index.begin_running() is True
+    assert _instance_number(data, first.sop_uid) == 1  # the old row, as the crash left it
+    assert restarted.ingest.recover() == 1
+    assert _instance_number(data, first.sop_uid) == 99
+    assert restarted.ingest.recover() == 0  # the row is current now
+    restarted.close()
+
+
+def _instance_number(data: Path, sop_uid: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(data / "index.sqlite") as db:
+        (number,) = db.execute('SELECT "InstanceNumber" FROM instance '
+                               'WHERE "SOPInstanceUID" = ?', (sop_uid,)).fetchone()
+    return int(number)
