@@ -248,3 +248,33 @@ def test_sqlite_connections_keep_a_page_cache_for_a_large_index(tmp_path: Path) 
     finally:
         index.close()
     assert size == -SQLITE_CACHE_KIB and SQLITE_CACHE_KIB >= 8192
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_write_the_database_refuses_is_index_unavailable_and_leaves_it_usable(
+        tmp_path: Path, durable: bool) -> None:
+    """Another writer holds SQLite's write lock past the busy timeout: the write path's
+    transaction (begun on the driver itself) fails as IndexUnavailable, which the store path
+    answers 0xA700, and the connection it used works again afterwards."""
+    import sqlite3
+
+    from gateway.index import IndexUnavailable, index_state
+
+    database = tmp_path / "index.sqlite"
+    index = Index(f"sqlite:///{database}")
+    index.create_schema()
+    with index._connection() as conn:  # the connection the next write takes
+        conn.connection.driver_connection.execute("PRAGMA busy_timeout=50")  # type: ignore
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(IndexUnavailable, match="locked"), index.write(durable=durable):
+            pass
+    finally:
+        blocker.rollback()
+        blocker.close()
+    with index.write(durable=durable) as conn:
+        conn.execute(index_state.update().values(running=1))
+    with index.engine.connect() as conn:
+        assert conn.execute(select(index_state.c.running)).scalar() == 1
+    index.close()
