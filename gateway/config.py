@@ -252,6 +252,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "network_timeout": Key(_positive, 60,
                                "Seconds of silence before an association is aborted."),
+        "pending_interval": Key(
+            _wait, 1.0,
+            "C-MOVE and C-GET: a Pending response with the sub-operation counts (PS3.4 C.4.2.3.1, "
+            "optional) is sent after a sub-operation once this many seconds have passed since "
+            "the last response; 0 = after every sub-operation (each one costs the requester a "
+            "response to decode: a C-MOVE of small images by a pynetdicom requester ran 1.4 to "
+            "1.7 times faster without them). Associations served by pynetdicom (those proposing "
+            "Storage Commitment) answer after every sub-operation.",
+        ),
         "commitment_report_delay": Key(
             _wait, 0.5,
             "Storage Commitment (PS3.4 J.3.3): seconds after the N-ACTION response during which "

@@ -137,7 +137,8 @@ class DimseNode:
             maximum_associations=self.ae.maximum_associations,
             also_called=lambda called: self.cohort_of(called) is not None)
         self.lean_qr = qr_lean.LeanQueryRetrieve(
-            self.qr, network_timeout=dimse["network_timeout"], max_pdu=dimse["max_pdu"])
+            self.qr, network_timeout=dimse["network_timeout"], max_pdu=dimse["max_pdu"],
+            pending_interval=dimse["pending_interval"])
 
     def _make_ae(self) -> AE:
         dimse = self.settings.dimse

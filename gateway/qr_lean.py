@@ -9,8 +9,10 @@ association, on the storage contexts it took the SCP role for (PS3.7 D.3.3.4); C
 a new association to the Move Destination, requested with :func:`upper_layer
 .request_association`. One sub-operation is outstanding at a time.
 
-Responses (C.4.2.1.5, C.4.3.1.4): a pending response (FF00) after every sub-operation with
-the four counts; the final one 0000 when all succeeded, B000 when some failed or gave a
+Responses (C.4.2.1.5, C.4.3.1.4): a pending response (FF00) with the four counts after a
+sub-operation once ``dimse.pending_interval`` seconds have passed since the last response
+(0: after every one; they are optional, C.4.2.3.1, and each costs the requester a response to
+decode); the final one 0000 when all succeeded, B000 when some failed or gave a
 warning, A702 when all failed, FE00 after a C-CANCEL (with the remaining count); a final
 response other than 0000 carries Failed SOP Instance UID List (0008,0058) in an identifier.
 Refusals before any sub-operation: A801 Move Destination unknown, A702 when the destination
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,10 +134,11 @@ class LeanQueryRetrieve:
     """The handler :class:`gateway.receiver.Association` calls for C-FIND/C-MOVE/C-GET."""
 
     def __init__(self, service: QueryRetrieve, *, network_timeout: float,
-                 max_pdu: int = 0) -> None:
+                 max_pdu: int = 0, pending_interval: float = 0.0) -> None:
         self.service = service
         self.network_timeout = network_timeout
         self.max_pdu = max_pdu
+        self.pending_interval = pending_interval
 
     def __call__(self, assoc: Association, message: Message) -> None:
         command = message.command_field
@@ -267,6 +271,7 @@ class LeanQueryRetrieve:
         ops = SubOperations(len(items))
         accepted = target.syntaxes()
         pending: Iterator[Any] = iter(items)
+        last_response = time.monotonic()
         for item in pending:
             if assoc.cancel_requested(message_id):
                 log.info("retrieve from %s cancelled with %d sub-operations left",
@@ -295,7 +300,9 @@ class LeanQueryRetrieve:
                     ops.record(None, item.sop_uid)
                     ops.fail_remaining([rest.sop_uid for rest in pending])
                     break
-            assoc.respond(message, response, 0xFF00, sop_class=model, extra=ops.counts())
+            if time.monotonic() - last_response >= self.pending_interval:
+                assoc.respond(message, response, 0xFF00, sop_class=model, extra=ops.counts())
+                last_response = time.monotonic()
         self._final(assoc, message, response, model, ops.final_status(len(items)), ops=ops)
 
 

@@ -30,6 +30,8 @@ from conftest import dcmtk_env, free_port, require_dcmtk
 from samples import synthetic_instance
 
 MANY = 300
+#: dimse.pending_interval of the slow node: each sub-operation takes at least 5 ms there.
+PENDING_INTERVAL = 0.1
 STUDY, SERIES = "1.2.826.0.1.3680043.10.1.77", "1.2.826.0.1.3680043.10.2.77"
 
 
@@ -54,7 +56,8 @@ def slow_move_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     settings = load_settings(environ={}, overrides={
         "storage": {"path": str(tmp_path / "data"), "fsync": False},
-        "dimse": {"host": "127.0.0.1", "port": free_port(), "ae_title": "SLOW_GW"}})
+        "dimse": {"host": "127.0.0.1", "port": free_port(), "ae_title": "SLOW_GW",
+                  "pending_interval": PENDING_INTERVAL}})
     settings = dataclasses.replace(
         settings, peers={"DEST": Peer("DEST", "127.0.0.1", destination_port)})
     services = build_services(settings)
@@ -107,3 +110,32 @@ def test_c_cancel_ends_a_c_move_with_fe00_and_the_counts(slow_move_node: int) ->
     assert "NumberOfRemainingSuboperations" in final
     assert completed + final.NumberOfRemainingSuboperations + \
         final.NumberOfFailedSuboperations + final.NumberOfWarningSuboperations == MANY
+
+
+def test_pending_responses_come_at_most_once_per_pending_interval(slow_move_node: int) -> None:
+    """PS3.4 C.4.2.3.1: Pending responses are optional; the gateway sends one after a
+    sub-operation only once dimse.pending_interval seconds have passed since the last
+    response (here 0.1 s, and 300 sub-operations of at least 5 ms each), each with counts
+    that add up, then the final response."""
+    model = StudyRootQueryRetrieveInformationModelMove
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", slow_move_node, ae_title="SLOW_GW")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = STUDY
+    identifier.SeriesInstanceUID = SERIES
+    try:
+        responses = [status for status, _ in assoc.send_c_move(identifier, "DEST", model)]
+    finally:
+        assoc.release()
+    pending, final = responses[:-1], responses[-1]
+    assert (final.Status, final.NumberOfCompletedSuboperations) == (0x0000, MANY)
+    assert all(r.Status == 0xFF00 for r in pending)
+    # With one after every sub-operation there would be MANY; half would take 15 s.
+    assert 1 <= len(pending) <= MANY // 2
+    remaining = [r.NumberOfRemainingSuboperations for r in pending]
+    assert remaining == sorted(remaining, reverse=True) and len(set(remaining)) == len(remaining)
+    assert all(r.NumberOfCompletedSuboperations + r.NumberOfRemainingSuboperations == MANY
+               for r in pending)

@@ -70,7 +70,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         settings = load_settings(environ={}, overrides={
             "storage": {"path": str(root / f"data-{lean}"), "fsync": False},
             "dimse": {"host": "127.0.0.1", "port": free_port(), "ae_title": "LEAN_GW",
-                      "lean_upper_layer": lean}})
+                      "lean_upper_layer": lean,
+                      "pending_interval": 0}})  # as pynetdicom: Pending after every one
         settings = dataclasses.replace(settings, peers={
             "DEST": Peer("DEST", "127.0.0.1", destination.port),
             "DOWN": Peer("DOWN", "127.0.0.1", free_port())})

@@ -62,9 +62,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
     all_port, native_port = free_port(), free_port()
     peers = [_storescp(root / "all", "STORE_ALL", all_port, "+xa", "+B"),
              _storescp(root / "native", "STORE_NATIVE", native_port)]
-    gateway = GatewayProcess(root, free_port(), free_port(), extra={"dimse": {"peers": {
-        "STORE_ALL": {"host": "127.0.0.1", "port": all_port},
-        "STORE_NATIVE": {"host": "127.0.0.1", "port": native_port}}}})
+    gateway = GatewayProcess(root, free_port(), free_port(), extra={"dimse": {
+        "pending_interval": 0,  # a Pending response after every sub-operation
+        "peers": {"STORE_ALL": {"host": "127.0.0.1", "port": all_port},
+                  "STORE_NATIVE": {"host": "127.0.0.1", "port": native_port}}}})
     imported = gateway.cli("import", str(files))
     assert imported.returncode == 0, imported.stderr
     gateway.start()
