@@ -82,16 +82,22 @@ def slow_move_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     destination.wait()
 
 
-def test_c_cancel_ends_a_c_move_with_fe00_and_the_counts(slow_move_node: int) -> None:
-    model = StudyRootQueryRetrieveInformationModelMove
+def _move_association(port: int, model: str) -> tuple[Any, Dataset]:
+    """An association to the slow node for ``model``, and the identifier of its series."""
     ae = AE(ae_title="MOVESCU")
     ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", slow_move_node, ae_title="SLOW_GW")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SLOW_GW")
     assert assoc.is_established
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "SERIES"
     identifier.StudyInstanceUID = STUDY
     identifier.SeriesInstanceUID = SERIES
+    return assoc, identifier
+
+
+def test_c_cancel_ends_a_c_move_with_fe00_and_the_counts(slow_move_node: int) -> None:
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc, identifier = _move_association(slow_move_node, model)
     responses = []
     try:
         for status, _identifier in assoc.send_c_move(identifier, "DEST", model, msg_id=9):
@@ -118,14 +124,7 @@ def test_pending_responses_come_at_most_once_per_pending_interval(slow_move_node
     response (here 0.1 s, and 300 sub-operations of at least 5 ms each), each with counts
     that add up, then the final response."""
     model = StudyRootQueryRetrieveInformationModelMove
-    ae = AE(ae_title="MOVESCU")
-    ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", slow_move_node, ae_title="SLOW_GW")
-    assert assoc.is_established
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "SERIES"
-    identifier.StudyInstanceUID = STUDY
-    identifier.SeriesInstanceUID = SERIES
+    assoc, identifier = _move_association(slow_move_node, model)
     try:
         responses = [status for status, _ in assoc.send_c_move(identifier, "DEST", model)]
     finally:
