@@ -43,7 +43,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -474,18 +474,26 @@ class Index:
         Never on PostgreSQL, whose commits are all durable."""
         return self.is_sqlite and self._marks.get(series_uid, 0.0) < now - RECOVERY_WINDOW / 2
 
-    def mark(self, conn: Connection, study_uid: str, series_uid: str, now: float) -> None:
-        """Record, in ``conn``'s transaction (which must be durable), that this series gets
-        non-durable commits from now on; :meth:`marked` once it has committed."""
-        stmt = self._insert(recovery_mark).values(
-            SeriesInstanceUID=series_uid, StudyInstanceUID=study_uid, marked_at=now)
-        conn.execute(stmt.on_conflict_do_update(  # a mark never moves back in time
-            index_elements=["SeriesInstanceUID"],
-            set_={"marked_at": func.max(recovery_mark.c.marked_at, stmt.excluded.marked_at),
-                  "StudyInstanceUID": stmt.excluded.StudyInstanceUID}))
-
-    def marked(self, series_uids: Iterable[str], now: float) -> None:
-        for uid in series_uids:
+    @contextmanager
+    def store_write(self, series: Mapping[str, str]) -> Iterator[Connection]:
+        """The store path's transaction for instances of ``series`` (series → study UID):
+        it does not wait for the disk, unless one of them is new to this process (or was last
+        marked long ago): then the transaction marks it for recovery and is durable. With
+        no statement of its own it only makes those marks (before an acknowledgement that
+        comes ahead of the index rows, "Index later" in :mod:`gateway.ingest`)."""
+        now = time.time()
+        to_mark = {uid: study for uid, study in series.items() if self.needs_mark(uid, now)}
+        with self.write(durable=bool(to_mark)) as conn:
+            for series_uid, study_uid in to_mark.items():
+                stmt = self._insert(recovery_mark).values(
+                    SeriesInstanceUID=series_uid, StudyInstanceUID=study_uid, marked_at=now)
+                conn.execute(stmt.on_conflict_do_update(  # a mark never moves back in time
+                    index_elements=["SeriesInstanceUID"],
+                    set_={"marked_at": func.max(recovery_mark.c.marked_at,
+                                                stmt.excluded.marked_at),
+                          "StudyInstanceUID": stmt.excluded.StudyInstanceUID}))
+            yield conn
+        for uid in to_mark:
             self._marks[uid] = now
         if len(self._marks) > 10_000:
             self._marks = {k: v for k, v in self._marks.items()

@@ -175,21 +175,15 @@ class GroupCommit:
             raise item.error
 
     def _commit(self, batch: list[_Pending]) -> None:
-        # The commit need not wait for the disk, unless a series is new to this process (or
-        # was last marked long ago): then it is marked for recovery in a durable commit
-        # first (gateway.index, "Durability on SQLite").
-        now = time.time()
-        to_mark = {p.record.series_uid: p.record.study_uid for p in batch
-                   if self.index.needs_mark(p.record.series_uid, now)}
+        # Not waiting for the disk unless a series needs marking (gateway.index,
+        # "Durability on SQLite").
+        series = {p.record.series_uid: p.record.study_uid for p in batch}
         try:
-            with self.index.write(durable=bool(to_mark)) as conn:
-                for series_uid, study_uid in to_mark.items():
-                    self.index.mark(conn, study_uid, series_uid, now)
+            with self.index.store_write(series) as conn:
                 if len(batch) == 1:  # alone, the transaction is its savepoint: a failure
                     self._upsert(conn, batch[0])  # rolls it back
                 else:
                     self._upsert_each(conn, batch)
-            self.index.marked(to_mark, now)
         except StoreError as exc:
             for pending in batch:
                 pending.error = pending.error or exc
@@ -328,11 +322,9 @@ class Ingest:
     def _mark_for_recovery(self, record: InstanceRecord) -> None:
         """Before an instance is acknowledged ahead of its index rows: its series is marked
         for recovery in a durable commit, unless it was marked recently."""
-        now = time.time()
-        if self.index.needs_mark(record.series_uid, now):
-            with self.index.write() as conn:
-                self.index.mark(conn, record.study_uid, record.series_uid, now)
-            self.index.marked([record.series_uid], now)
+        if self.index.needs_mark(record.series_uid, time.time()):
+            with self.index.store_write({record.series_uid: record.study_uid}):
+                pass
 
     def _commit_acknowledged(self, pending: _Pending, replaced_key: str | None) -> None:
         """Step 5 after the response (``defer_index``): retried once; a failure is logged,
