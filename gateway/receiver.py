@@ -582,10 +582,12 @@ class Association:
             if status != 0x0000:  # stored: moved into the store (or an identical re-send)
                 with contextlib.suppress(OSError):  # e.g. a read-only file system
                     path.unlink(missing_ok=True)
-        self.respond(message, C_STORE_RSP, status, sop_class=sop_class, sop_uid=sop_uid,
-                     comment=comment)
-        if after is not None:  # the index rows, while the sender prepares its next request
-            after()
+        try:
+            self.respond(message, C_STORE_RSP, status, sop_class=sop_class, sop_uid=sop_uid,
+                         comment=comment)
+        finally:  # the index rows, while the sender prepares its next request; also when
+            if after is not None:  # the response could not be sent: the blob is stored
+                after()
 
     def _discard_partial(self) -> None:
         """An association that ended mid-data-set: nothing was acknowledged, drop it."""

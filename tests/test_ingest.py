@@ -302,3 +302,52 @@ def _instance_number(data: Path, sop_uid: str) -> int:
         (number,) = db.execute('SELECT "InstanceNumber" FROM instance '
                                'WHERE "SOPInstanceUID" = ?', (sop_uid,)).fetchone()
     return int(number)
+
+
+def test_a_store_whose_response_cannot_be_sent_is_still_indexed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean receiver commits a C-STORE's index rows after its response ("Index later").
+    When that response cannot be sent (the peer is gone), the blob is stored all the same
+    and must not be left without its rows until some later unclean stop."""
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from gateway import receiver
+    from gateway.dimse import DimseNode
+    from gateway.upper_layer import C_STORE_RSP
+
+    from conftest import free_port
+
+    settings = load_settings(environ={}, overrides={
+        "storage": {"path": str(tmp_path / "data")},
+        "dimse": {"host": "127.0.0.1", "port": free_port(), "ae_title": "LOST_RSP"}})
+    services = build_services(settings)
+    respond = receiver.Association.respond
+
+    def lost_store_response(self: Any, message: Any, command_field: int, *args: Any,
+                            **kwargs: Any) -> None:  # failure injection
+        if command_field == C_STORE_RSP:
+            raise OSError("connection reset by peer")
+        respond(self, message, command_field, *args, **kwargs)
+
+    monkeypatch.setattr(receiver.Association, "respond", lost_store_response)
+    node = DimseNode(settings, services.ingest)
+    _host, port = node.start()
+    (path,) = fresh_copies(tmp_path, 1)
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title="LOST_RSP")
+    assert assoc.is_established
+    assoc.send_c_store(ds)  # no response comes: the gateway ends the association
+    assoc.abort()
+    deadline = time.monotonic() + 30
+    while services.index.find_instance(ds.SOPInstanceUID) is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    node.stop(drain_seconds=1)
+    assert services.index.find_instance(ds.SOPInstanceUID) is not None
+    services.close()
