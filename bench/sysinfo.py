@@ -11,13 +11,15 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from bench.targets import dcmtk_env
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(cmd: list[str]) -> str:
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     """stdout+stderr of ``cmd``, or "" if it cannot be run."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return (done.stdout + done.stderr).strip()
@@ -61,7 +63,7 @@ def _dpkg_version(package: str) -> str:
 
 def _dcmtk_version() -> str:
     """dcmtk version as storescu reports it, e.g. "3.6.7 (2022-04-22)"."""
-    m = re.search(r"v(\d+\.\d+\.\d+)\s+(\S+)", _run(["storescu", "--version"]))
+    m = re.search(r"v(\d+\.\d+\.\d+)\s+(\S+)", _run(["storescu", "--version"], env=dcmtk_env()))
     return f"{m.group(1)} ({m.group(2)})" if m else "not installed"
 
 

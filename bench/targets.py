@@ -56,9 +56,33 @@ def http_and_echo_ok(ep: Endpoint, path: str) -> bool:
     return echo_ok(ep.aet, ep.dimse_port)
 
 
+def dcmtk_bin_dir() -> str | None:
+    """The first PATH directory holding dcmtk's own ``storescu``, or None.
+
+    pynetdicom (3.0 and later) installs Python scripts named ``storescp``, ``storescu``,
+    ``findscu``... that take other options; in an activated virtual environment they come
+    first on PATH. dcmtk's tools are compiled programs, so the first ELF ``storescu`` marks
+    the directory to use.
+    """
+    for folder in os.get_exec_path():
+        candidate = Path(folder) / "storescu"
+        try:
+            with open(candidate, "rb") as fh:
+                if fh.read(4) == b"\x7fELF" and os.access(candidate, os.X_OK):
+                    return folder
+        except OSError:
+            continue
+    return None
+
+
 def dcmtk_env() -> dict[str, str]:
-    """The current environment plus TCP_NODELAY=1, for any dcmtk tool."""
-    return {**os.environ, **DCMTK_ENV}
+    """The current environment for any dcmtk tool: TCP_NODELAY=1 and dcmtk's directory
+    first on PATH (subprocess looks a program up on the PATH of the ``env`` it is given)."""
+    env = {**os.environ, **DCMTK_ENV}
+    folder = dcmtk_bin_dir()
+    if folder is not None:
+        env["PATH"] = folder + os.pathsep + env.get("PATH", "")
+    return env
 
 
 def echo_ok(aet: str, port: int, timeout: int = 2) -> bool:
@@ -194,8 +218,10 @@ class Target:
 
 
 def _which(tool: str) -> str | None:
-    """Why ``tool`` is missing from PATH, or None if it is there."""
-    return None if shutil.which(tool) else f"{tool} not found (run scripts/install_bench_deps.sh)"
+    """Why dcmtk's ``tool`` is missing, or None if it is there."""
+    if shutil.which(tool, path=dcmtk_env()["PATH"]) and dcmtk_bin_dir() is not None:
+        return None
+    return f"dcmtk's {tool} not found (run scripts/install_bench_deps.sh)"
 
 
 class StorescpTarget(Target):

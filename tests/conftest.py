@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,8 @@ import requests
 
 # Real FHIR and OAuth2 servers (session fixtures), a client of sekmet, failure injection
 from postgres import postgres_server, postgres_url  # noqa: F401
+
+from bench import targets as bench_targets
 
 from fhir_servers import (  # noqa: F401
     client_keys,
@@ -45,12 +46,14 @@ def free_port() -> int:
 
 
 def dcmtk_env() -> dict[str, str]:
-    """Environment for dcmtk tools: Debian's dcmtk leaves Nagle on unless TCP_NODELAY is set."""
-    return {**os.environ, "TCP_NODELAY": "1"}
+    """Environment for dcmtk tools: TCP_NODELAY=1 (Debian's dcmtk leaves Nagle on without it)
+    and dcmtk's directory first on PATH (pynetdicom's scripts of the same names would win in an
+    activated virtual environment)."""
+    return bench_targets.dcmtk_env()
 
 
 def require_dcmtk() -> None:
-    if shutil.which("storescu") is None:
+    if bench_targets.dcmtk_bin_dir() is None:
         pytest.fail("dcmtk is not installed: run scripts/test.sh (it installs it)")
 
 
