@@ -122,7 +122,8 @@ def _progress(res: ingest.IngestRun) -> None:
     if res.status == "ok":
         print(f"  run {res.run} {res.target:16s} {res.assocs} assoc: "
               f"{res.inst_per_s:7.1f} inst/s {res.mb_per_s:6.1f} MB/s "
-              f"cpu {res.server_cpu_s:6.2f} s rss {res.server_peak_rss_mb:6.1f} MB",
+              f"cpu {res.server_cpu_s:6.2f} s rss "
+              + (f"{res.server_peak_rss_mb:6.1f} MB" if res.server_peak_rss_mb else "-"),
               file=sys.stderr, flush=True)
     else:
         first = (res.error or "").strip().splitlines()[:1]

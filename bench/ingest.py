@@ -21,10 +21,12 @@ after ``SETTLE_TIMEOUT`` seconds, is ``failed`` and carries no figures.
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +37,14 @@ from bench import targets as targets_mod
 from bench.dataset import GeneratedDataset, split
 from bench.procmon import TreeMonitor, machine_busy_seconds, own_cpu_seconds
 from bench.report import Stat, fmt_stat, md_table
-from bench.targets import HOST, RunningTarget, Target, TargetStartError, dcmtk_env
+from bench.targets import (
+    HOST,
+    RunningTarget,
+    Target,
+    TargetStartError,
+    count_part10_files,
+    dcmtk_env,
+)
 
 SETTLE_TIMEOUT = 30.0
 """Seconds to wait, after the senders finish, for the target to hold every instance."""
@@ -166,6 +175,10 @@ def run_once(target: Target, dataset: GeneratedDataset, assocs: int, run: int,
                        instances=dataset.instances, bytes=dataset.total_bytes,
                        verified_by=target.verification())
     rt = RunningTarget(target, workroot)
+    if target.in_process:
+        _measure_in_process(rt, dataset, assocs, result)
+        _keep_or_clean(rt, kept)
+        return result
     try:
         rt.start()
     except TargetStartError as exc:
@@ -181,12 +194,71 @@ def run_once(target: Target, dataset: GeneratedDataset, assocs: int, run: int,
         rt.stop()
         if result.status == "failed" and result.error:
             result.error += f"\n--- server log tail ---\n{rt.log_tail()}"
-        if kept is None:
-            rt.cleanup()
-        else:
-            rt.sync()
-            kept.append(rt)
+        _keep_or_clean(rt, kept)
     return result
+
+
+def _keep_or_clean(rt: RunningTarget, kept: list[RunningTarget] | None) -> None:
+    """A finished run's files: deleted now, or kept until every run is done."""
+    if kept is None:
+        rt.cleanup()
+    else:
+        rt.sync()
+        kept.append(rt)
+
+
+WRITE_STEP = 128 * 1024
+"""Bytes per write() in :func:`write_durably` (a PDV of the gateway's receive path)."""
+
+
+def write_durably(files: list[Path], folder: Path) -> None:
+    """Each file's bytes into a new file under ``folder``, fsync'd before the next (what a
+    receiver must do at the least before acknowledging an instance)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, source in enumerate(files):
+        data = memoryview(source.read_bytes())
+        fd = os.open(folder / f"{number}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:written + WRITE_STEP])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _measure_in_process(rt: RunningTarget, dataset: GeneratedDataset, assocs: int,
+                        result: IngestRun) -> None:
+    """The fsync floor: :func:`write_durably` in one thread per association; CPU is the
+    harness's own over the window."""
+    out = rt.ep.workdir / (rt.target.output_dir or "out")
+    errors: list[str] = []
+
+    def work(number: int, part: list[Path]) -> None:
+        try:
+            write_durably(part, out / str(number))
+        except OSError as exc:
+            errors.append(f"writer #{number}: {exc}")
+
+    cpu0 = own_cpu_seconds()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(number, part))
+               for number, part in enumerate(split(dataset.files, assocs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - t0
+    result.stored = count_part10_files(out)
+    if errors or result.stored < dataset.instances:
+        result.error = "; ".join(errors) or f"{result.stored} of {dataset.instances} written"
+        return
+    result.status = "ok"
+    result.elapsed_s = result.send_s = elapsed
+    result.settle_s = 0.0
+    result.inst_per_s = dataset.instances / elapsed
+    result.mb_per_s = dataset.total_bytes / elapsed / 1e6
+    result.server_cpu_s = own_cpu_seconds() - cpu0
 
 
 def _measure(target: Target, rt: RunningTarget, dataset: GeneratedDataset, assocs: int,

@@ -174,6 +174,8 @@ class Target:
     serves_qr: ClassVar[bool] = False
     #: Path of the DICOMweb root on its HTTP port (QIDO-RS, WADO-RS), when it has one.
     dicomweb_root: ClassVar[str] = ""
+    #: Not a server: the ingest measure does its work in the harness (FsyncFloorTarget).
+    in_process: ClassVar[bool] = False
 
     def unavailable_reason(self) -> str | None:
         """Why this target cannot run on this machine, or None if it can."""
@@ -254,6 +256,46 @@ class StorescpIgnoreTarget(StorescpTarget):
 
     def command(self, ep: Endpoint) -> list[str]:
         return ["storescp", "-aet", self.aet, "+xa", "--ignore", str(ep.dimse_port)]
+
+
+class StorescpFsyncTarget(StorescpTarget):
+    """dcmtk storescp made durable: each file fsync'd before its C-STORE response.
+
+    storescp has no fsync option; ``--exec-on-reception 'sync #p/#f' --exec-sync`` runs
+    coreutils ``sync FILE`` (an fsync of that file) in the foreground after each file is
+    written, before the response goes out. It is what a dcmtk user gets who asks for the
+    acknowledgement the gateway gives ("acknowledged = durable"), with the cost of one
+    process per instance on top of the fsync itself."""
+
+    name = "storescp-fsync"
+    description = ("dcmtk storescp + `sync` of each file before its response (durable; "
+                   "a process per file)")
+
+    def unavailable_reason(self) -> str | None:
+        return super().unavailable_reason() or (
+            None if shutil.which("sync") else "coreutils sync not found")
+
+    def command(self, ep: Endpoint) -> list[str]:
+        return [*super().command(ep)[:-1], "--exec-on-reception", "sync #p/#f", "--exec-sync",
+                str(ep.dimse_port)]
+
+
+class FsyncFloorTarget(Target):
+    """Not a DICOM server: the harness itself writes each file of the dataset to a new file
+    and fsyncs it, one thread per association, as a receiver that acknowledges only durable
+    files must at the least (no network, no parsing, no index). Its inst/s is the most such a
+    receiver can reach on this machine's disk (see :func:`bench.ingest.run_once`)."""
+
+    name = "fsync-floor"
+    description = ("no DICOM: each file written and fsync'd by the harness, a thread per "
+                   "association (the durable limit of this disk)")
+    aet = "-"
+    output_dir = "out"
+    #: Run by the harness in-process (:func:`bench.ingest.write_durably`), not started.
+    in_process = True
+
+    def verification(self) -> str:
+        return "Part-10 files written, counted"
 
 
 class OrthancTarget(Target):
@@ -422,6 +464,8 @@ TARGETS: dict[str, Target] = {
         GatewaySingleProcessTarget(),
         StorescpTarget(),
         StorescpIgnoreTarget(),
+        StorescpFsyncTarget(),
+        FsyncFloorTarget(),
         OrthancTarget(),
         PynetdicomTarget(),
     )
