@@ -129,6 +129,14 @@ class _Checkpoint(threading.Event):
     to take the sender's response off the DIMSE queue ("unexpected C-STORE service message",
     then a timeout): :meth:`wait` marks the reactor running *before* it re-checks the flag, and
     pauses again if the flag was cleared meanwhile.
+
+    While parked, the reactor re-marks itself paused every ``ASSOCIATION_MAX_WAIT``: pynetdicom
+    serves an N-EVENT-REPORT request on a thread of its own (``DIMSEServiceProvider.
+    receive_primitive``), whose ``Association._serve_request`` sets ``_is_paused = True`` before
+    the handler and ``False`` after it. That ``False`` can land after the reactor parked here, and
+    a sender that cleared the checkpoint (``release()`` right after the report's handler ran)
+    then spins on ``_is_paused`` forever while the reactor waits for a ``set()`` that only the
+    sender would make. ``set()`` still wakes the reactor at once.
     """
 
     def __init__(self, assoc: Any) -> None:
@@ -149,11 +157,25 @@ class _Checkpoint(threading.Event):
         if assoc is None or threading.current_thread() is not assoc:
             return super().wait(timeout)
         reactor: Any = assoc  # the reactor thread itself
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if not super().wait(timeout):
+            if not self._parked(reactor, deadline):
                 return False
             reactor._is_paused = False
             if self.is_set():
+                return True
+            reactor._is_paused = True
+
+    def _parked(self, reactor: Any, deadline: float | None) -> bool:
+        """Wait for the flag as the paused reactor, re-marking it paused at each turn (another
+        thread may have overwritten ``_is_paused``, see the class doc); False on timeout."""
+        while True:
+            turn = ASSOCIATION_MAX_WAIT
+            if deadline is not None:
+                turn = min(turn, deadline - time.monotonic())
+                if turn <= 0:
+                    return self.is_set()
+            if super().wait(turn):
                 return True
             reactor._is_paused = True
 
