@@ -169,9 +169,13 @@ class ReceiveSink:
     _open: weakref.WeakValueDictionary[str, ReceiveSink] = weakref.WeakValueDictionary()
     directory: Path = Path(tempfile.gettempdir())
 
-    #: Bytes buffered before they are written out (and, with ``writeback``, their writeback
-    #: to disk is started, so the fsync before the acknowledgement has little left to do).
+    #: Bytes written between two starts of their writeback to disk (with ``writeback``), so
+    #: the fsync before the acknowledgement has little left to do.
     WRITEBACK_STEP = 256 * 1024
+    #: Writes smaller than this are gathered (pynetdicom hands over one PDV at a time, however
+    #: small); a larger one (the lean Upper Layer's PDVs of up to the maximum PDU length) goes
+    #: straight from the receive buffer to the file, never copied into this buffer.
+    BUFFER = 64 * 1024
     writeback = True
     #: Where staging files come from once :meth:`stage_into` named a storage.
     pool: storage.StagingPool | None = None
@@ -184,7 +188,7 @@ class ReceiveSink:
         self._kicked = 0
         try:
             fd = self._create()
-            self._handle = os.fdopen(fd, "wb", buffering=self.WRITEBACK_STEP)
+            self._handle = os.fdopen(fd, "wb", buffering=self.BUFFER)
         except OSError as exc:
             self.error = exc
         ReceiveSink._open[self.name] = self
