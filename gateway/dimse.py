@@ -265,7 +265,8 @@ class DimseNode:
         request: Any = event.request  # a C_STORE primitive
         sop_uid = str(request.AffectedSOPInstanceUID)
         status, _comment, _ = self.store(event.dataset_path,
-                                         str(event.context.abstract_syntax), sop_uid, calling)
+                                         str(event.context.abstract_syntax), sop_uid, calling,
+                                         None)
         return status
 
     def _on_accepted(self, event: evt.Event) -> None:

@@ -20,17 +20,22 @@ Order of operations (the durability promise, PS3.4 B.2.3 "Success" only once sto
    up by ``reindex``.
 
 **Index later** (``defer_index=True``, the C-STORE path of the lean receiver, on SQLite): step 5
-runs after the response instead of before it, in the same association thread, so its time
-overlaps the sender's preparing the next instance. What makes that safe: the blob is durable
-(step 4) and its series is marked for recovery in a durable commit (gateway.index,
-"Durability on SQLite") before the response, exactly what the non-durable commit of step 5
-already relies on: a crash between the response and the commit is recovered at the next start
-like a commit the crash took from the WAL. What it changes: the instance becomes visible to
-queries on other associations or HTTP a moment (one commit, ≈0.5 ms) after its response; on
-its own association everything that follows (the next store, C-FIND, C-MOVE, the release)
-comes after the commit. A commit that fails after the response is retried once, then logged
-as an error naming the blob, which ``reindex`` indexes. PostgreSQL's commits are durable and
-need no recovery marks, so there the response always waits for step 5.
+runs after the response instead of before it. The receiver (``gateway.receiver``,
+``Association._store``) hands it to the next store on the association as ``meanwhile``, which
+runs it on a helper thread while the next blob is flushed to disk: step 4's fsync is a
+millisecond in which the association thread waits with the GIL released, so the commit
+costs the association no time. If the sender goes quiet for 5 ms instead, the commit runs in
+that idle time; it never waits more than 50 ms, and it runs before anything else the
+association does (a C-FIND, a C-MOVE, the release, the end of the connection) and before the
+next response. What makes that safe: the blob is durable (step 4) and its series is marked
+for recovery in a durable commit (gateway.index, "Durability on SQLite") before the response,
+exactly what the non-durable commit of step 5 already relies on: a crash between the response
+and the commit is recovered at the next start like a commit the crash took from the WAL. What
+it changes: other associations and HTTP see a streamed instance one instance later (a few
+milliseconds), the last of a burst 5 ms after its response. A commit that fails after the
+response is retried once, then logged as an error naming the blob, which ``reindex`` indexes.
+PostgreSQL's commits are durable and need no recovery marks, so there the response always
+waits for step 5.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -212,6 +218,19 @@ class GroupCommit:
             raise
 
 
+_HELPERS: ThreadPoolExecutor | None = None
+_HELPERS_LOCK = threading.Lock()
+
+
+def _helpers() -> ThreadPoolExecutor:
+    """The threads that run ``meanwhile`` work beside a flush (created on first use)."""
+    global _HELPERS
+    with _HELPERS_LOCK:
+        if _HELPERS is None:
+            _HELPERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="beside-fsync")
+        return _HELPERS
+
+
 class Ingest:
     """Stores instances into a :class:`FileStorage` and an :class:`Index`."""
 
@@ -233,6 +252,7 @@ class Ingest:
         expected_study_uid: str | None = None,
         source: str | None = None,
         defer_index: bool = False,
+        meanwhile: Callable[[], None] | None = None,
     ) -> StoreResult:
         """Validate and durably store the Part 10 file at ``path``.
 
@@ -255,6 +275,13 @@ class Ingest:
             Return before the index rows are committed, with
             :attr:`StoreResult.commit_index` to call after the response ("Index later" in the
             module docstring; on SQLite only, elsewhere it changes nothing).
+        meanwhile
+            Work to run on a helper thread while this blob is being flushed to disk (the
+            previous instance's ``commit_index``, see "Index later"): the flush is ~1 ms of
+            waiting with the GIL released, which the work fills. It runs only where a new blob
+            is fsync'd; elsewhere, and when this call fails first, it does not run at all, so
+            the caller must run it after (it must be safe to call twice, the second call
+            waiting for the first to finish).
 
         Raises
         ------
@@ -300,7 +327,7 @@ class Ingest:
             # A new name: moved into place first, then made durable (file, then directory);
             # until its row is committed, nothing names it.
             self.storage.put_file(key, path, move=move, durable=False)
-            failed = self.storage.sync([key])
+            failed = self._sync(key, meanwhile)
             if failed:
                 raise failed[key]
         pending = _Pending(record, key, os.path.getsize(self.storage.file_of(key)), source)
@@ -312,6 +339,16 @@ class Ingest:
                                 lambda: self._commit_acknowledged(pending, replaced_key))
         self._commit(pending, replaced_key)
         return self._result(outcome, record)
+
+    def _sync(self, key: str, meanwhile: Callable[[], None] | None) -> dict[str, OutOfResources]:
+        """Step 4's flush of a newly named blob, with ``meanwhile`` run beside it."""
+        if meanwhile is None or not self.storage.fsync:
+            return self.storage.sync([key])
+        beside = _helpers().submit(meanwhile)
+        try:
+            return self.storage.sync([key])
+        finally:
+            beside.result()
 
     def _commit(self, pending: _Pending, replaced_key: str | None) -> None:
         """Step 5: the index rows of a durable blob; then the blob it replaced goes."""

@@ -30,6 +30,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -126,14 +127,15 @@ def storing_into(ingest: Any, *, index_after_response: bool = False) -> StoreHan
     after the response, see "Index later" in :mod:`gateway.ingest`) and the pynetdicom
     handler (which answers only when the handler returns, so commits before)."""
 
-    def store(path: Path, sop_class: str, sop_uid: str, calling: str) -> StoreReply:
+    def store(path: Path, sop_class: str, sop_uid: str, calling: str,
+              meanwhile: Callable[[], None] | None) -> StoreReply:
         try:
             sink = ReceiveSink.for_path(path)
             if sink is not None:
                 sink.finish()  # flush; a write that failed while receiving is 0xA700 here
             result = ingest.store_file(path, move=True, expected_sop_class=sop_class,
                                        expected_sop_uid=sop_uid, source=calling,
-                                       defer_index=index_after_response)
+                                       defer_index=index_after_response, meanwhile=meanwhile)
         except StoreError as exc:
             log.warning("C-STORE from %s failed 0x%04X: SOP Instance %s: %s", calling,
                         exc.status, sop_uid, exc)
@@ -150,8 +152,9 @@ def storing_into(ingest: Any, *, index_after_response: bool = False) -> StoreHan
 
 #: (status, error_comment, after): ``after`` is None or what to run once the response is sent.
 StoreReply = tuple[int, str, Callable[[], None] | None]
-#: handler(path, sop_class_uid, sop_instance_uid, calling_ae) -> StoreReply
-StoreHandler = Callable[[Path, str, str, str], StoreReply]
+#: handler(path, sop_class_uid, sop_instance_uid, calling_ae, meanwhile) -> StoreReply, where
+#: ``meanwhile`` is None or work to run while the blob is flushed (``Ingest.store_file``).
+StoreHandler = Callable[[Path, str, str, str, Callable[[], None] | None], StoreReply]
 #: handler(association, message): serves one C-FIND, C-MOVE or C-GET request to its end.
 QueryRetrieveHandler = Callable[["Association", Message], None]
 
@@ -356,6 +359,35 @@ def _recv_peek(sock: socket.socket, size: int) -> bytes | None:
             select.select([sock], [], [], 0.005)
 
 
+#: How long a read waits for the peer, while an instance's index rows are deferred, before
+#: the idle time goes to them (other connections see the instance at most this late when the
+#: association goes quiet after it).
+INDEX_PATIENCE = 0.005
+#: The longest an instance's index rows wait for the next instance's flush to run beside.
+INDEX_AT_MOST = 0.05
+
+
+class _Once:
+    """``work`` run at most once, by whichever thread calls first; a call while another
+    thread runs it waits for it to finish. An exception is logged, not raised: the work is
+    an acknowledged instance's index commit, which has no one left to report to."""
+
+    __slots__ = ("_lock", "_work")
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work: Callable[[], None] | None = work
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            work, self._work = self._work, None
+            if work is not None:
+                try:
+                    work()
+                except Exception:
+                    log.exception("deferred index commit failed")
+
+
 class Association:
     """One association served by this module, from A-ASSOCIATE-RQ to release or abort."""
 
@@ -403,6 +435,7 @@ class Association:
             if self.established:
                 log.warning("association with %s ended abnormally: %s", self.calling_ae, exc)
         finally:
+            self.channel.run_deferred()  # an acknowledged instance's rows, whatever happened
             self.established = False
             self._discard_partial()
             with contextlib.suppress(OSError):
@@ -476,7 +509,10 @@ class Association:
             command = message.command_field
             if command == C_STORE_RQ and message.sink is not None:
                 self._store(message)
-            elif command == C_ECHO_RQ and not message.has_data_set:
+                continue
+            # Anything else sees every instance this association stored, indexed.
+            self.channel.run_deferred()
+            if command == C_ECHO_RQ and not message.has_data_set:
                 self.respond(message, C_ECHO_RSP, 0x0000,
                              sop_class=message.text(AFFECTED_SOP_CLASS) or VERIFICATION)
             elif command in (C_FIND_RQ, C_GET_RQ, C_MOVE_RQ) and self.on_query is not None:
@@ -503,6 +539,7 @@ class Association:
             if pdu_type == 0x04:
                 self._ready.extend(self.reader.feed(body))
             elif pdu_type == 0x05:  # A-RELEASE-RQ → A-RELEASE-RP
+                self.channel.run_deferred()  # indexed before the release is confirmed
                 self.channel.send(A_RELEASE_RP)
                 self.established = False
                 raise AssociationEnded("released by the peer")
@@ -573,15 +610,24 @@ class Association:
         return sink
 
     def _store(self, message: Message) -> None:
+        """One C-STORE. What the write path leaves for after the response (the index rows,
+        "Index later" in :mod:`gateway.ingest`) is deferred on the channel: it runs while the
+        next instance is flushed to disk (``meanwhile``), where it costs the association no
+        time, or in idle time (the peer silent for :data:`INDEX_PATIENCE`), or before
+        anything else the association does; in every case before the next response."""
         sink: ReceiveSink = message.sink
         path = Path(sink.name)
         abstract = self.abstract_syntax(message.context_id)
         sop_class = message.text(AFFECTED_SOP_CLASS) or abstract
         sop_uid = message.text(AFFECTED_SOP_INSTANCE)
         status = 0xA700
+        earlier = self.channel.take_deferred()
         try:  # on_store finishes the sink (the same call for pynetdicom's path)
-            status, comment, after = self.on_store(path, abstract, sop_uid, self.calling_ae)
+            status, comment, after = self.on_store(path, abstract, sop_uid, self.calling_ae,
+                                                   earlier)
         finally:
+            if earlier is not None:  # run unless on_store ran it (then this waits for it)
+                earlier()
             sink.close()
             if status != 0x0000:  # stored: moved into the store (or an identical re-send)
                 with contextlib.suppress(OSError):  # e.g. a read-only file system
@@ -589,9 +635,12 @@ class Association:
         try:
             self.respond(message, C_STORE_RSP, status, sop_class=sop_class, sop_uid=sop_uid,
                          comment=comment)
-        finally:  # the index rows, while the sender prepares its next request; also when
-            if after is not None:  # the response could not be sent: the blob is stored
+        except BaseException:  # the blob is stored even so: index it now
+            if after is not None:
                 after()
+            raise
+        if after is not None:
+            self.channel.defer(_Once(after), patience=INDEX_PATIENCE, at_most=INDEX_AT_MOST)
 
     def _discard_partial(self) -> None:
         """An association that ended mid-data-set: nothing was acknowledged, drop it."""
@@ -677,9 +726,14 @@ def active_associations() -> list[Association]:
     return _ACTIVE.all()
 
 
-def abort_all() -> None:
-    """Abort every open storage association (used at the end of a drain)."""
+def abort_all(wait: float = 5.0) -> None:
+    """Abort every open storage association (used at the end of a drain), and wait up to
+    ``wait`` seconds for their threads to finish with them (each still commits the index rows
+    of what it acknowledged: the index must stay open until then)."""
     for assoc in _ACTIVE.all():
         with contextlib.suppress(OSError):
             assoc.sock.shutdown(socket.SHUT_RDWR)
+    deadline = time.monotonic() + wait
+    while _ACTIVE.count() and time.monotonic() < deadline:
+        time.sleep(0.01)
 

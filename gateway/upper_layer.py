@@ -23,6 +23,7 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -288,6 +289,10 @@ class Channel:
 
     ``peer_max_pdu`` is the peer's Maximum Length Received (0 = no limit): every P-DATA-TF
     sent has a body no longer than that.
+
+    It can also hold one piece of deferred work (:meth:`defer`), run in time the peer leaves
+    idle: when a read finds nothing for ``patience`` seconds, or at the first read after a
+    deadline, or when :meth:`run_deferred` or :meth:`take_deferred` hand it on earlier.
     """
 
     def __init__(self, sock: socket.socket, peer_max_pdu: int = 0, max_pdu: int = 0) -> None:
@@ -298,6 +303,42 @@ class Channel:
         self._file_buffer = bytearray()  # stored data sets pass through it on their way out
         self._out = bytearray()
         self._message_id = 0
+        self._deferred: Callable[[], None] | None = None
+        self._patience = 0.0
+        self._deadline = 0.0
+
+    def defer(self, work: Callable[[], None], *, patience: float, at_most: float) -> None:
+        """Run ``work`` once the peer keeps a read waiting ``patience`` seconds, or at the
+        first read that completes ``at_most`` seconds from now, unless it is handed on first
+        (one piece at a time: deferring another runs the one before)."""
+        self.run_deferred()
+        self._deferred, self._patience = work, patience
+        self._deadline = time.monotonic() + at_most
+
+    def take_deferred(self) -> Callable[[], None] | None:
+        """The deferred work, no longer this channel's to run (None when there is none)."""
+        work, self._deferred = self._deferred, None
+        return work
+
+    def run_deferred(self) -> None:
+        """Run the deferred work now, if there is any."""
+        work = self.take_deferred()
+        if work is not None:
+            work()
+
+    def _recv_or_run_deferred(self, view: memoryview) -> int:
+        """A read while work is deferred: what is there, or a wait of up to ``patience``
+        for it, after which the idle time goes to the work (and the read then blocks)."""
+        try:
+            got = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            ready, _, _ = select.select([self.sock], [], [], self._patience)
+            if not ready:
+                self.run_deferred()
+            return self.sock.recv_into(view)
+        if time.monotonic() > self._deadline:
+            self.run_deferred()
+        return got
 
     def new_message_id(self) -> int:
         """A Message ID for a request this side sends (C-STORE sub-operations)."""
@@ -315,7 +356,8 @@ class Channel:
         got = 0
         while got < len(view):
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self.sock.recv_into(view[got:]) if self._deferred is None \
+                    else self._recv_or_run_deferred(view[got:])
             except BlockingIOError as exc:  # SO_RCVTIMEO ran out (see set_timeout)
                 raise TimeoutError("no data from the peer within the timeout") from exc
             if n == 0:

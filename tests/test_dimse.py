@@ -8,11 +8,13 @@ status checks that nothing partial is left to be served.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
@@ -292,6 +294,62 @@ def test_the_lean_upper_layer_serves_all_but_storage_commitment(
     assert stored_path(gateway.data, ds.SOPInstanceUID) is not None
     accepted_line = gateway.log.split(title)[1].split("\n")[0]
     assert ("presentation contexts" in accepted_line) is not with_commitment
+
+
+def test_an_instance_is_indexed_while_its_association_stays_open(
+        gateway: GatewayProcess) -> None:
+    """The index rows of a C-STORE are committed after its response (the lean receiver's
+    "Index later"), beside the next instance's flush; a sender that goes quiet instead does
+    not keep the instance from other clients until it releases."""
+    ae = AE(ae_title="QUIET_SCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    try:
+        assert assoc.send_c_store(ds).Status == 0
+        deadline = time.monotonic() + 10
+        while not _index_has(gateway, ds.SOPInstanceUID):  # the association stays open
+            assert time.monotonic() < deadline, "not indexed while the sender was quiet"
+            time.sleep(0.01)
+        found = requests.get(f"{gateway.base_url}/dicomweb/instances",
+                             params={"SOPInstanceUID": ds.SOPInstanceUID}, timeout=10)
+        assert found.status_code == 200 and len(found.json()) == 1
+    finally:
+        assoc.release()
+
+
+def test_a_c_find_after_a_stream_of_c_stores_on_one_association_finds_every_one(
+        gateway: GatewayProcess) -> None:
+    """Each instance's index rows wait for the next instance's flush; whatever comes after
+    the last C-STORE on the association (here a C-FIND) sees them all."""
+    study_root_find = "1.2.840.10008.5.1.4.1.2.2.1"
+    ae = AE(ae_title="STREAM_SCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(study_root_find)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    sent = []
+    try:
+        for _ in range(6):
+            ds.SOPInstanceUID = generate_uid()
+            assert assoc.send_c_store(ds).Status == 0
+            sent.append(ds.SOPInstanceUID)
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID, query.SeriesInstanceUID = ds.StudyInstanceUID, \
+            ds.SeriesInstanceUID
+        query.SOPInstanceUID = ""
+        answers = [(status.Status, found) for status, found in
+                   assoc.send_c_find(query, study_root_find)]
+    finally:
+        assoc.release()
+    assert answers[-1][0] == 0x0000
+    assert sorted(found.SOPInstanceUID for status, found in answers if status == 0xFF00) == \
+        sorted(sent)
 
 
 def test_failure_status_carries_an_error_comment_the_sender_can_read(
