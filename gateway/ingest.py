@@ -92,7 +92,9 @@ class StoreResult:
     series_uid: str
     transfer_syntax_uid: str
     #: With ``defer_index``: commits the index rows; call it once the response is sent. It
-    #: raises nothing (a failure is retried, then logged). None when nothing is left to do.
+    #: raises nothing (a failure is retried, then logged) and commits once however often and
+    #: from however many threads it is called (a call while another runs waits for it).
+    #: None when nothing is left to do.
     commit_index: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
@@ -218,6 +220,23 @@ class GroupCommit:
             raise
 
 
+class _RunOnce:
+    """``work`` run at most once, by whichever thread calls first; a call while another
+    thread runs it waits for it to finish."""
+
+    __slots__ = ("_lock", "_work")
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work: Callable[[], None] | None = work
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            work, self._work = self._work, None
+            if work is not None:
+                work()
+
+
 _HELPERS: ThreadPoolExecutor | None = None
 _HELPERS_LOCK = threading.Lock()
 
@@ -280,8 +299,8 @@ class Ingest:
             previous instance's ``commit_index``, see "Index later"): the flush is ~1 ms of
             waiting with the GIL released, which the work fills. It runs only where a new blob
             is fsync'd; elsewhere, and when this call fails first, it does not run at all, so
-            the caller must run it after (it must be safe to call twice, the second call
-            waiting for the first to finish).
+            the caller must run it after: it must be safe to call twice, the second call
+            waiting for the first to finish, as :attr:`StoreResult.commit_index` is.
 
         Raises
         ------
@@ -335,8 +354,8 @@ class Ingest:
             existing.blob_key != key else None
         if defer_index and self.index.is_sqlite:
             self._mark_for_recovery(record)
-            return self._result(outcome, record,
-                                lambda: self._commit_acknowledged(pending, replaced_key))
+            return self._result(outcome, record, _RunOnce(
+                lambda: self._commit_acknowledged(pending, replaced_key)))
         self._commit(pending, replaced_key)
         return self._result(outcome, record)
 

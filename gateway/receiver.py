@@ -367,27 +367,6 @@ INDEX_PATIENCE = 0.005
 INDEX_AT_MOST = 0.05
 
 
-class _Once:
-    """``work`` run at most once, by whichever thread calls first; a call while another
-    thread runs it waits for it to finish. An exception is logged, not raised: the work is
-    an acknowledged instance's index commit, which has no one left to report to."""
-
-    __slots__ = ("_lock", "_work")
-
-    def __init__(self, work: Callable[[], None]) -> None:
-        self._work: Callable[[], None] | None = work
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            work, self._work = self._work, None
-            if work is not None:
-                try:
-                    work()
-                except Exception:
-                    log.exception("deferred index commit failed")
-
-
 class Association:
     """One association served by this module, from A-ASSOCIATE-RQ to release or abort."""
 
@@ -626,7 +605,7 @@ class Association:
             status, comment, after = self.on_store(path, abstract, sop_uid, self.calling_ae,
                                                    earlier)
         finally:
-            if earlier is not None:  # run unless on_store ran it (then this waits for it)
+            if earlier is not None:  # a no-op if on_store ran it (commit_index runs once)
                 earlier()
             sink.close()
             if status != 0x0000:  # stored: moved into the store (or an identical re-send)
@@ -640,7 +619,7 @@ class Association:
                 after()
             raise
         if after is not None:
-            self.channel.defer(_Once(after), patience=INDEX_PATIENCE, at_most=INDEX_AT_MOST)
+            self.channel.defer(after, patience=INDEX_PATIENCE, at_most=INDEX_AT_MOST)
 
     def _discard_partial(self) -> None:
         """An association that ended mid-data-set: nothing was acknowledged, drop it."""
