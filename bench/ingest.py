@@ -86,6 +86,15 @@ class IngestRun:
     startup_s: float | None = None
     """how long the target took to answer after launch (not part of elapsed_s)."""
 
+    def succeeded(self, elapsed: float, send_s: float, server_cpu_s: float) -> None:
+        """Mark the run ok with the figures every target has (RSS and the rest are the
+        caller's)."""
+        self.status = "ok"
+        self.elapsed_s, self.send_s, self.settle_s = elapsed, send_s, elapsed - send_s
+        self.inst_per_s = self.instances / elapsed
+        self.mb_per_s = self.bytes / elapsed / 1e6
+        self.server_cpu_s = server_cpu_s
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
@@ -253,12 +262,7 @@ def _measure_in_process(rt: RunningTarget, dataset: GeneratedDataset, assocs: in
     if errors or result.stored < dataset.instances:
         result.error = "; ".join(errors) or f"{result.stored} of {dataset.instances} written"
         return
-    result.status = "ok"
-    result.elapsed_s = result.send_s = elapsed
-    result.settle_s = 0.0
-    result.inst_per_s = dataset.instances / elapsed
-    result.mb_per_s = dataset.total_bytes / elapsed / 1e6
-    result.server_cpu_s = own_cpu_seconds() - cpu0
+    result.succeeded(elapsed, elapsed, own_cpu_seconds() - cpu0)
 
 
 def _measure(target: Target, rt: RunningTarget, dataset: GeneratedDataset, assocs: int,
@@ -292,13 +296,7 @@ def _measure(target: Target, rt: RunningTarget, dataset: GeneratedDataset, assoc
         result.error = "\n".join(errors)
         return
     elapsed = t_done - t0
-    result.status = "ok"
-    result.elapsed_s = elapsed
-    result.send_s = t_sent - t0
-    result.settle_s = elapsed - (t_sent - t0)
-    result.inst_per_s = dataset.instances / elapsed
-    result.mb_per_s = dataset.total_bytes / elapsed / 1e6
-    result.server_cpu_s = usage.cpu_seconds
+    result.succeeded(elapsed, t_sent - t0, usage.cpu_seconds)
     result.server_peak_rss_mb = usage.peak_rss_bytes / 1e6
     result.server_max_procs = usage.max_processes
     result.client_cpu_s = client_cpu
