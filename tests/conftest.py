@@ -24,7 +24,10 @@ import requests
 # Real FHIR and OAuth2 servers (session fixtures), a client of sekmet, failure injection
 from postgres import postgres_server, postgres_url  # noqa: F401
 
-from bench import targets as bench_targets
+# dcmtk_env: TCP_NODELAY=1 and dcmtk's own programs first on PATH (pynetdicom installs Python
+# scripts of the same names), for every dcmtk tool the tests start
+from bench.targets import dcmtk_bin_dir
+from bench.targets import dcmtk_env as dcmtk_env
 
 from fhir_servers import (  # noqa: F401
     client_keys,
@@ -45,15 +48,8 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def dcmtk_env() -> dict[str, str]:
-    """Environment for dcmtk tools: TCP_NODELAY=1 (Debian's dcmtk leaves Nagle on without it)
-    and dcmtk's directory first on PATH (pynetdicom's scripts of the same names would win in an
-    activated virtual environment)."""
-    return bench_targets.dcmtk_env()
-
-
 def require_dcmtk() -> None:
-    if bench_targets.dcmtk_bin_dir() is None:
+    if dcmtk_bin_dir() is None:
         pytest.fail("dcmtk is not installed: run scripts/test.sh (it installs it)")
 
 
