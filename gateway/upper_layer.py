@@ -332,8 +332,7 @@ class Channel:
         try:
             got = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            ready, _, _ = select.select([self.sock], [], [], self._patience)
-            if not ready:
+            if not self.readable(self._patience):
                 self.run_deferred()
             return self.sock.recv_into(view)
         if time.monotonic() > self._deadline:
@@ -387,10 +386,11 @@ class Channel:
         self._recv_exact(body)
         return pdu_type, body
 
-    def readable(self) -> bool:
-        """True when the peer has sent something not yet read (a C-CANCEL, say)."""
+    def readable(self, wait: float = 0.0) -> bool:
+        """True when the peer has sent something not yet read (a C-CANCEL, say), or sends it
+        within ``wait`` seconds."""
         try:
-            ready, _, _ = select.select([self.sock], [], [], 0)
+            ready, _, _ = select.select([self.sock], [], [], wait)
         except (OSError, ValueError):
             return True  # let the read report it
         return bool(ready)
