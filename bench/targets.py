@@ -221,7 +221,8 @@ class Target:
 
 def _which(tool: str) -> str | None:
     """Why dcmtk's ``tool`` is missing, or None if it is there."""
-    if shutil.which(tool, path=dcmtk_env()["PATH"]) and dcmtk_bin_dir() is not None:
+    folder = dcmtk_bin_dir()
+    if folder is not None and shutil.which(tool, path=folder):
         return None
     return f"dcmtk's {tool} not found (run scripts/install_bench_deps.sh)"
 
