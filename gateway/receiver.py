@@ -229,6 +229,10 @@ class ReceiveSink:
         if self._handle is not None:
             try:
                 self._handle.flush()
+                if self.writeback and self._written > self._kicked:
+                    storage.start_writeback(self._handle.fileno(), self._kicked,
+                                            self._written - self._kicked)
+                    self._kicked = self._written
             except OSError as exc:
                 self._fail(exc)
         if self.error is not None:

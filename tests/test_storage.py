@@ -116,9 +116,11 @@ def test_a_received_data_set_is_written_whole_through_the_writeback_steps(tmp_pa
     sink.finish()
     sink.close()
     assert Path(sink.name).read_bytes() == payload
-    # Writeback of each step began while later data was still arriving, contiguously.
-    assert len(started) == 3 and started[0][0] == 0
+    # Writeback of each step began while later data was still arriving, contiguously; the
+    # tail's began when the last data arrived (while the header is parsed, before the fsync).
+    assert len(started) == 4 and started[0][0] == 0
     assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(started))
+    assert started[-1][0] + started[-1][1] == len(payload)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
@@ -193,3 +195,4 @@ def test_the_file_system_of_a_path_is_read_from_the_mount_table(tmp_path):
     mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
     assert file_system_type("/") == next(f[2] for f in mounts if f[1] == "/")
     assert file_system_type(str(tmp_path)) != ""
+
