@@ -44,7 +44,8 @@ def build_write_path(settings: Settings, *,
                      create_schema: bool = True) -> tuple[FileStorage, Index, Ingest]:
     """Open storage and index (creating them if new) and wire the write path over them."""
     storage = FileStorage(settings.storage_path, fsync=settings.storage["fsync"],
-                          fsync_directories=settings.storage["fsync_directories"])
+                          fsync_directories=settings.storage["fsync_directories"],
+                          cache_new_blobs=settings.storage["cache_new_blobs"])
     index = Index(settings.index_url, quiet_seconds=settings.publish["quiet_seconds"])
     if create_schema:
         index.create_schema()

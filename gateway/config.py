@@ -325,6 +325,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "system makes the blob's name durable with it (ext4, XFS on Linux); `always`: "
             "fsync the directory too, on any file system.",
         ),
+        "cache_new_blobs": Key(
+            _boolean, False,
+            "Keep newly stored blobs in the operating system's page cache. By default their "
+            "pages are released once the blob is durable: an image is written once and seldom "
+            "read back soon, so caching it would push out what is read often (the index, "
+            "studies being retrieved), and released memory makes the next image's writes "
+            "cheaper. Turn on when viewers read each new study within minutes of its arrival.",
+        ),
     },
     "index": {
         "url": Key(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import mmap
 import os
 import sys
 import time
@@ -196,3 +198,41 @@ def test_the_file_system_of_a_path_is_read_from_the_mount_table(tmp_path):
     assert file_system_type("/") == next(f[2] for f in mounts if f[1] == "/")
     assert file_system_type(str(tmp_path)) != ""
 
+
+def _cached_pages(path: Path) -> int:
+    """How many pages of ``path`` are in the page cache (mincore(2) over a mapping of it,
+    which by itself reads nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    resident = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as handle, \
+            mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
+        start = ctypes.c_char.from_buffer(mapping)
+        try:
+            assert libc.mincore(ctypes.c_void_p(ctypes.addressof(start)),
+                                ctypes.c_size_t(size), resident) == 0, ctypes.get_errno()
+        finally:
+            del start
+    return sum(flag & 1 for flag in resident)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise: Linux")
+@pytest.mark.parametrize("received", [True, False], ids=["received", "imported"])
+@pytest.mark.parametrize("keep", [False, True], ids=["released", "cache_new_blobs"])
+def test_a_new_blob_leaves_the_page_cache_once_durable_unless_configured_to_stay(
+        tmp_path, received, keep):
+    storage = FileStorage(tmp_path / "root", cache_new_blobs=keep)
+    key = instance_key("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    source = storage.staging_dir() / "received.dcm"
+    data = os.urandom(64 * mmap.PAGESIZE)
+    source.write_bytes(data)
+    if received:  # C-STORE, STOW-RS: moved into place, then made durable
+        storage.put_file(key, source, move=True, durable=False)
+        assert _cached_pages(storage.path_for(key)) == 64  # just written: all in memory
+        assert storage.sync([key]) == {}
+    else:  # bulk import: copied and made durable in one call
+        assert _cached_pages(source) == 64
+        storage.put_file(key, source, move=False)
+    assert _cached_pages(storage.path_for(key)) == (64 if keep else 0)
+    assert storage.path_for(key).read_bytes() == data  # released from memory, not lost
