@@ -29,6 +29,11 @@ loses no acknowledged instance:
 The C-STORE path may also commit after its response ("Index later" in :mod:`gateway.ingest`);
 its series is marked before the response, so the same recovery covers it.
 
+Checkpoints (copying the WAL into the database file, with two fsyncs) are the syncer's work
+too, once a second after its durable commit, so no store's commit stalls for one: SQLite's own
+automatic checkpoint, which runs inside whichever commit crosses the threshold, is only a
+backstop at :data:`WAL_BACKSTOP_PAGES`.
+
 A lost commit happened after the last sync S; its series was marked durably at most
 ``RECOVERY_WINDOW / 2`` seconds before it, so after ``S - RECOVERY_WINDOW``: recovery scans it.
 """
@@ -514,6 +519,16 @@ class Index:
         except BaseException:
             self._unsynced.set()
             raise
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file without waiting for readers or writers
+        (SQLite ``PASSIVE`` checkpoint; see "Checkpoints" in the module docstring)."""
+        if not self.is_sqlite:
+            return
+        with self._connection() as conn:
+            driver: Any = conn.connection.driver_connection
+            driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _start_syncer(self) -> None:
         if self._syncer is not None:
@@ -978,6 +993,10 @@ class Index:
 
 
 SQLITE_CACHE_KIB = 16384
+#: WAL size (pages) at which a commit checkpoints by itself: only when the syncer's
+#: checkpoints fall behind (SQLite's default, 1000 pages, would checkpoint inside a store's
+#: commit every few hundred instances).
+WAL_BACKSTOP_PAGES = 16000
 """Page cache of each SQLite connection (SQLite's default is 2 MiB). Pages missing from it are
 read from the operating system's cache one system call each; at 1,000,000 instances a year's
 studies touch more than 2 MiB of pages, so the default made a one-year QIDO-RS query re-read
@@ -1015,6 +1034,7 @@ def _make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")
             cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             cursor.close()
 
         return engine

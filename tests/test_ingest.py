@@ -353,3 +353,21 @@ def test_a_store_whose_response_cannot_be_sent_is_still_indexed(
     node.stop(drain_seconds=1)
     assert services.index.find_instance(ds.SOPInstanceUID) is not None
     services.close()
+
+
+def test_stores_leave_checkpoints_to_the_index_syncer(tmp_path: Path) -> None:
+    """A store's commit never stalls to copy the WAL into the database (SQLite would do it
+    inside whichever commit crosses 1000 WAL pages); the syncer's sync checkpoints."""
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
+    services = build_services(settings)
+    database = Path(services.index.engine.url.database or "")
+    wal = database.with_name(database.name + "-wal")
+    before = database.stat().st_size
+    for path in fresh_copies(tmp_path, 260):
+        services.ingest.store_file(path, move=False)
+    assert wal.stat().st_size > 1000 * 4096  # past SQLite's default threshold, unchecked
+    assert database.stat().st_size == before  # nothing copied into the database yet
+    services.index.sync()
+    assert database.stat().st_size > before
+    assert services.index.counts()["instances"] == 260
+    services.close()
