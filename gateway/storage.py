@@ -310,7 +310,11 @@ class StagingPool:
                                                 daemon=True)
                 self._thread.start()
             ready = self._ready.pop() if self._ready else None
-            self._cond.notify()
+            # The filler is woken when half the pool is gone and then refills it: one wake-up
+            # per several files (on a busy machine a thread's wake-up costs a context switch
+            # and a turn of the GIL, more than creating the file does).
+            if len(self._ready) <= self.size // 2:
+                self._cond.notify()
         if ready is None:
             return self._new_file()
         try:
