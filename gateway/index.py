@@ -993,15 +993,15 @@ class Index:
 
 
 SQLITE_CACHE_KIB = 16384
-#: WAL size (pages) at which a commit checkpoints by itself: only when the syncer's
-#: checkpoints fall behind (SQLite's default, 1000 pages, would checkpoint inside a store's
-#: commit every few hundred instances).
-WAL_BACKSTOP_PAGES = 16000
 """Page cache of each SQLite connection (SQLite's default is 2 MiB). Pages missing from it are
 read from the operating system's cache one system call each; at 1,000,000 instances a year's
 studies touch more than 2 MiB of pages, so the default made a one-year QIDO-RS query re-read
 them on every request (bench scale measure: SQL alone 22 -> 7 ms). Memory is taken as pages are
 read, so a small index never fills it."""
+#: WAL size (pages) at which a commit checkpoints by itself: only when the syncer's
+#: checkpoints fall behind (SQLite's default, 1000 pages, would checkpoint inside a store's
+#: commit every few hundred instances).
+WAL_BACKSTOP_PAGES = 16000
 
 
 def _end(conn: Connection, driver: Any, *, commit: bool) -> None:

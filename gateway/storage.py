@@ -431,9 +431,10 @@ def release_cached(fd: int) -> None:
     Why the write path does it: ingest writes each image once and seldom reads it back soon,
     so its pages would only push out of the cache what is read often (the index, studies
     being retrieved), and the kernel would pay later to reclaim them. Released at once, the
-    same memory serves the next image's writes: on the benchmark's virtual machine, writing
-    into fresh memory costs 0.5-1 ms of system time per CT image, into memory just released
-    about 0.2 ms (``docs/benchmarks.md``). ``storage.cache_new_blobs`` keeps them instead."""
+    same memory serves the next image's writes: on the benchmark's virtual machine, writing a
+    CT image (512 KiB) into memory the kernel has not used lately cost 0.5-1 ms of system
+    time, into memory just released 0.15-0.2 ms (a write, fsync and release loop; the
+    ``gateway-cached`` benchmark target keeps them). ``storage.cache_new_blobs`` keeps them."""
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
