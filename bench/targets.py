@@ -458,11 +458,24 @@ class GatewaySingleProcessTarget(GatewayTarget):
         return {**os.environ, "GATEWAY_DIMSE_WORKERS": "1"}
 
 
+class GatewayCachedTarget(GatewayTarget):
+    """The gateway with ``storage.cache_new_blobs = true``: stored blobs stay in the page
+    cache, as storescp's files do (the default releases them once durable; ingest only)."""
+
+    name = "gateway-cached"
+    description = "imaging-gateway, storage.cache_new_blobs = true (blobs kept in the page cache)"
+    serves_qr = False
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "GATEWAY_STORAGE_CACHE_NEW_BLOBS": "true"}
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         GatewayTarget(),
         GatewaySingleProcessTarget(),
+        GatewayCachedTarget(),
         StorescpTarget(),
         StorescpIgnoreTarget(),
         StorescpFsyncTarget(),

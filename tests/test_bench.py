@@ -32,7 +32,7 @@ def test_quick_benchmark_runs_every_measure_against_the_gateway(tmp_path: Path) 
     out, raw = tmp_path / "benchmarks.md", tmp_path / "latest.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--targets",
-         "gateway,storescp,storescp-fsync,fsync-floor",
+         "gateway,gateway-cached,storescp,storescp-fsync,fsync-floor",
          "--measures", "ingest,qido,cfind,wado,cmove,cget,scale",
          "--runs", "1", "--assocs", "1,4", "--studies", "1", "--series-per-study", "1",
          "--instances-per-series", "12", "--requests", "3", "--retrieves", "1",
@@ -45,9 +45,9 @@ def test_quick_benchmark_runs_every_measure_against_the_gateway(tmp_path: Path) 
     assert "| gateway: imaging-gateway (this project; default configuration" in ingest
     assert "ratio to storescp" in ingest
     rows = [line for line in ingest.splitlines()
-            if line.startswith(("| gateway:", "| storescp:", "| storescp-fsync:",
-                                "| fsync-floor:"))]
-    assert len(rows) == 8 and all(row.endswith("| 1/1 |") for row in rows), rows
+            if line.startswith(("| gateway:", "| gateway-cached:", "| storescp:",
+                                "| storescp-fsync:", "| fsync-floor:"))]
+    assert len(rows) == 10 and all(row.endswith("| 1/1 |") for row in rows), rows
     # The durable references: dcmtk syncing each file, and the disk's own durable limit.
     floor = next(row for row in rows if row.startswith("| fsync-floor:"))
     assert float(floor.split("|")[3].split()[0]) > 0  # inst/s measured
