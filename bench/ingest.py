@@ -314,7 +314,8 @@ def run_all(targets: list[Target], dataset: GeneratedDataset, assocs_list: list[
     broken: set[str] = set()
     keep = KEEP_RUNS
     if keep is None:  # room for every run's files (and the gateway's index beside them)?
-        need = int(len(targets) * len(assocs_list) * runs * dataset.total_bytes * 1.1)
+        storing = sum(1 for target in targets if target.stores)
+        need = int(storing * len(assocs_list) * runs * dataset.total_bytes * 1.1)
         workroot.mkdir(parents=True, exist_ok=True)
         keep = shutil.disk_usage(workroot).free > need + ROOM_MARGIN
     KEPT_RUNS = keep

@@ -170,6 +170,8 @@ class Target:
     ready_timeout: ClassVar[float] = 30.0
     #: Folder under the work dir where the target writes Part-10 files (None: it keeps none).
     output_dir: ClassVar[str | None] = None
+    #: Whether what it receives takes disk space (the ingest measure's room for kept runs).
+    stores: ClassVar[bool] = True
     #: Whether it answers QIDO/WADO-RS and C-FIND/C-MOVE/C-GET (the query/retrieve measures).
     serves_qr: ClassVar[bool] = False
     #: Path of the DICOMweb root on its HTTP port (QIDO-RS, WADO-RS), when it has one.
@@ -254,6 +256,7 @@ class StorescpIgnoreTarget(StorescpTarget):
     description = "dcmtk storescp --ignore, stores nothing (protocol limit)"
 
     output_dir = None
+    stores = False
 
     def command(self, ep: Endpoint) -> list[str]:
         return ["storescp", "-aet", self.aet, "+xa", "--ignore", str(ep.dimse_port)]
