@@ -214,12 +214,17 @@ class ReceiveSink:
                 self._written += len(data)
                 if self.writeback and self._written - self._kicked >= self.WRITEBACK_STEP:
                     self._handle.flush()
-                    storage.start_writeback(self._handle.fileno(), self._kicked,
-                                            self._written - self._kicked)
-                    self._kicked = self._written
+                    self._start_writeback()
             except OSError as exc:
                 self._fail(exc)
         return len(data)
+
+    def _start_writeback(self) -> None:
+        """Start the writeback of what was flushed since the last start (``writeback``)."""
+        if self.writeback and self._written > self._kicked:
+            storage.start_writeback(self._handle.fileno(), self._kicked,
+                                    self._written - self._kicked)
+            self._kicked = self._written
 
     def flush(self) -> None:
         """Ignored: pynetdicom flushes after every PDV; :meth:`finish` flushes once."""
@@ -229,10 +234,7 @@ class ReceiveSink:
         if self._handle is not None:
             try:
                 self._handle.flush()
-                if self.writeback and self._written > self._kicked:
-                    storage.start_writeback(self._handle.fileno(), self._kicked,
-                                            self._written - self._kicked)
-                    self._kicked = self._written
+                self._start_writeback()  # the tail: it proceeds while the header is parsed
             except OSError as exc:
                 self._fail(exc)
         if self.error is not None:

@@ -65,8 +65,9 @@ class FileStorage:
                  fsync_directories: str = "always", cache_new_blobs: bool = False) -> None:
         self.root = root.resolve()
         self.fsync = fsync
-        #: Whether a new blob's pages stay cached once it is durable (:func:`release_cached`).
-        self.release = fsync and not cache_new_blobs
+        #: Whether a new blob's pages leave the page cache once it is durable
+        #: (:func:`release_cached`).
+        self.release_new = fsync and not cache_new_blobs
         self._staging = self.root / ".staging"
         self._root = str(self.root)
         #: Directories known to exist durably (as strings: the store path avoids pathlib).
@@ -122,7 +123,7 @@ class FileStorage:
         try:
             if move:
                 if sync:
-                    _fsync_path(source, release=self.release)
+                    _fsync_path(source, release=self.release_new)
                 self._place(source, target, sync=sync)
             else:
                 with open(source, "rb") as handle:
@@ -143,7 +144,7 @@ class FileStorage:
         for key in keys:
             path = self.file_of(key)
             try:
-                _fsync_path(path, release=self.release)
+                _fsync_path(path, release=self.release_new)
             except OSError as exc:
                 failed[key] = _resource_error(exc, f"syncing {key}")
                 continue
@@ -168,9 +169,7 @@ class FileStorage:
                     out.write(chunk)
                 out.flush()
                 if self.fsync and sync:
-                    os.fsync(out.fileno())
-                    if self.release:
-                        release_cached(out.fileno())
+                    _make_durable(out.fileno(), release=self.release_new)
             self._place(tmp, target, sync=sync)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -440,13 +439,18 @@ def release_cached(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def _make_durable(fd: int, *, release: bool) -> None:
+    """fsync ``fd``; ``release``: then drop its pages from the cache (:func:`release_cached`)."""
+    os.fsync(fd)
+    if release:
+        release_cached(fd)
+
+
 def _fsync_path(path: Path | str, *, release: bool = False) -> None:
-    """fsync the file at ``path``; ``release``: then :func:`release_cached`."""
+    """:func:`_make_durable` of the file at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-        if release:
-            release_cached(fd)
+        _make_durable(fd, release=release)
     finally:
         os.close(fd)
 
