@@ -13,6 +13,7 @@ import pydicom.uid
 import pytest
 from sqlalchemy import event
 
+import gateway.index
 from gateway.bootstrap import build_services
 from gateway.config import load_settings
 from gateway.errors import OutOfResources
@@ -355,9 +356,13 @@ def test_a_store_whose_response_cannot_be_sent_is_still_indexed(
     services.close()
 
 
-def test_stores_leave_checkpoints_to_the_index_syncer(tmp_path: Path) -> None:
+def test_stores_leave_checkpoints_to_the_index_syncer(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A store's commit never stalls to copy the WAL into the database (SQLite would do it
     inside whichever commit crosses 1000 WAL pages); the syncer's sync checkpoints."""
+    # The syncer's own period must not pass while the instances are stored (on a slow
+    # machine it would: then it checkpoints and the database grows during the stores).
+    monkeypatch.setattr(gateway.index, "SYNC_SECONDS", 3600.0)
     settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
     services = build_services(settings)
     database = Path(services.index.engine.url.database or "")
