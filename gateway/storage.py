@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import itertools
 import logging
 import os
@@ -398,7 +397,9 @@ def _load_sync_file_range() -> object | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The C library is already loaded into this process: its symbols are found through
+        # the program's own handle (``find_library`` would run ``ldconfig`` to look for it).
+        libc = ctypes.CDLL(None, use_errno=True)
         function = libc.sync_file_range
     except (OSError, AttributeError):
         return None
