@@ -11,19 +11,27 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from tqdm import tqdm
 
-from gateway.bootstrap import Services, build_services
 from gateway.config import Settings, load_settings, setup_logging
 from gateway.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from gateway.bootstrap import Services
+    from gateway.workers import ReceiverPool
+
+# gateway.bootstrap (with pydicom, pynetdicom and SQLAlchemy behind it: about a second) is
+# imported where it is used, so that ``serve`` starts its receiver processes first and they
+# load the same libraries meanwhile, on the other cores.
 
 log = logging.getLogger("gateway")
 
@@ -44,14 +52,70 @@ def _wait_for_signal() -> str:
     return received[0]
 
 
+_Listener = TypeVar("_Listener")
+
+
+def _listening(section: Mapping[str, Any], name: str, start: Callable[[], _Listener]
+               ) -> _Listener:
+    """``start()`` (which binds ``section``'s host and port); a port that cannot be had (in
+    use, not permitted) is a :class:`ConfigError` naming the setting, not a traceback."""
+    try:
+        return start()
+    except OSError as exc:
+        raise ConfigError(f"{name}.port: cannot listen on {section['host']}:{section['port']}: "
+                          f"{exc.strerror or exc}") from exc
+
+
+def _bound(section: Mapping[str, Any]) -> socket.socket:
+    """A socket listening on ``section``'s host and port (werkzeug, binding by itself, would
+    print the error and exit instead of raising it)."""
+    from werkzeug.serving import get_sockaddr, select_address_family
+
+    family = select_address_family(section["host"], section["port"])
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(get_sockaddr(section["host"], int(section["port"]), family))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _local_load() -> int:
+    """The associations the main process serves itself (for :class:`ReceiverPool`)."""
+    from gateway import receiver
+
+    return len(receiver.active_associations())
+
+
 def serve(settings: Settings) -> int:
     """Run the DICOM listener and the HTTP server until SIGTERM/SIGINT, then drain and exit."""
+    from gateway.workers import ReceiverPool
+
+    pool: ReceiverPool | None = None
+    if settings.dimse_workers > 1:  # first: they load their libraries while this one does
+        try:
+            pool = ReceiverPool(settings.dimse_workers - 1, local_load=_local_load)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 1
+    try:
+        return _serve(settings, pool)
+    except BaseException:
+        if pool is not None:  # e.g. the port is taken: the receivers go too
+            pool.stop(0)
+        raise
+
+
+def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
+    """:func:`serve` once its receiver processes (if any) are launched."""
     from werkzeug.serving import WSGIRequestHandler, make_server
 
-    from gateway import receiver
-    from gateway.dimse import DimseNode
+    from gateway.bootstrap import build_services
+    from gateway.dimse import SHUTDOWN_POLL_SECONDS, DimseNode
     from gateway.web import InFlight, create_app
-    from gateway.workers import ReceiverPool
 
     services = build_services(settings)
     leftovers = services.storage.clear_staging()
@@ -62,26 +126,33 @@ def serve(settings: Settings) -> int:
         log.warning("the last run did not stop cleanly; %d stored instances whose index rows "
                     "were lost were indexed again", recovered)
     node = DimseNode(settings, services.ingest, services.cohorts)
-    pool: ReceiverPool | None = None
-    if settings.dimse_workers > 1:
-        try:
-            pool = ReceiverPool(settings, settings.dimse_workers - 1,
-                                local_load=lambda: len(receiver.active_associations()))
+    if pool is not None:
+        try:  # the index exists now (a receiver process opens it, never creates it)
+            pool.start(settings)
         except RuntimeError as exc:
             log.error("%s", exc)
+            services.close()
             return 1
         node.hand_off = pool.hand_off
-    host, port = node.start()
+    in_flight = InFlight(create_app(services))
+    handler = type("RequestHandler", (WSGIRequestHandler,),
+                   {"timeout": settings.http["read_timeout"]})  # socket timeout per connection
+    try:
+        host, port = _listening(settings.dimse, "dimse", node.start)
+        with _listening(settings.http, "http", lambda: _bound(settings.http)) as bound:
+            http = make_server(settings.http["host"], settings.http["port"], in_flight,
+                               threaded=True, request_handler=handler, fd=bound.fileno())
+    except ConfigError:  # a port taken, say: nothing was received, a clean stop
+        node.stop(drain_seconds=0)
+        services.index.end_running()
+        services.close()
+        raise
     dimse_address = f"{host}:{port}"
     if services.publisher is not None:
         services.publisher.start()
         log.info("publishing to FHIR server %s", services.publisher.client.base_url)
-    in_flight = InFlight(create_app(services))
-    handler = type("RequestHandler", (WSGIRequestHandler,),
-                   {"timeout": settings.http["read_timeout"]})  # socket timeout per connection
-    http = make_server(settings.http["host"], settings.http["port"], in_flight, threaded=True,
-                       request_handler=handler)
-    http_thread = threading.Thread(target=http.serve_forever, name="http", daemon=True)
+    http_thread = threading.Thread(target=http.serve_forever, name="http", daemon=True,
+                                   kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS})
     http_thread.start()
     log.info("imaging-gateway ready: DICOM %s@%s (%d receiver process(es)), HTTP %s:%s, "
              "DICOMweb %s", settings.dimse["ae_title"], dimse_address,
@@ -99,6 +170,17 @@ def serve(settings: Settings) -> int:
     services.close()
     log.info("stopped")
     return 0
+
+
+def _end_process(code: int) -> NoReturn:
+    """Exit at once with ``code``, skipping the interpreter's teardown of every module and
+    object: :func:`serve` has already closed what it opened (index, storage, receiver
+    processes, publisher), and the teardown of a long-running server's heap took half a
+    second of CPU that a restart waited for."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def load_settings_with(settings: Settings, section: str, key: str, value: Any) -> Settings:
@@ -278,7 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings)
     try:
         if args.command == "serve":
-            return serve(settings)
+            _end_process(serve(settings))
+        from gateway.bootstrap import build_services
+
         services = build_services(settings)
         try:
             if args.command == "import":

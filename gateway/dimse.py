@@ -33,6 +33,10 @@ from gateway.ingest import Ingest
 
 log = logging.getLogger("gateway.dimse")
 
+#: How often a listening server's loop looks whether it was asked to stop: a stop (SIGTERM,
+#: a restart) waits up to this long for each listener (socketserver's default is 0.5 s).
+SHUTDOWN_POLL_SECONDS = 0.05
+
 _EXPLICIT_LE, _IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
 
@@ -180,7 +184,8 @@ class DimseNode:
                                      evt_handlers=self.handlers(), server_class=server_class)
         self.ae._servers.append(server)  # so server.shutdown() can deregister it
         self.server = server
-        thread = threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True)
+        thread = threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True,
+                                  kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS})
         thread.start()
         host, port = server.server_address[:2]
         log.info("DICOM listener %s on %s:%s", dimse["ae_title"], host, port)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pickle
 import socket
 import subprocess
@@ -59,9 +60,10 @@ class _Worker:
 class ReceiverPool:
     """The N - 1 receiver processes of the main one, and the choice of who serves what."""
 
-    def __init__(self, settings: Settings, count: int, local_load: Any) -> None:
-        """Start ``count`` receiver processes; ``local_load()`` is the number of associations
-        the main process has open."""
+    def __init__(self, count: int, local_load: Any) -> None:
+        """Launch ``count`` receiver processes (they load their libraries at once, then wait
+        for :meth:`start`); ``local_load()`` is the number of associations the main process
+        has open."""
         self.local_load = local_load
         self._lock = threading.Lock()
         self._turn = 0
@@ -69,23 +71,36 @@ class ReceiverPool:
         for number in range(count):
             name = f"dimse-{number + 1}"
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            process = subprocess.Popen([sys.executable, "-m", "gateway.workers", name,
-                                        str(child.fileno())], pass_fds=[child.fileno()])
-            child.close()
-            worker = _Worker(name, process, parent)
-            self.workers.append(worker)
+            try:
+                process = subprocess.Popen([sys.executable, "-m", "gateway.workers", name,
+                                            str(child.fileno())], pass_fds=[child.fileno()])
+            except OSError as exc:
+                parent.close()
+                self.stop(0)
+                raise RuntimeError(f"receiver process {name} could not be started: {exc}") \
+                    from exc
+            finally:
+                child.close()
+            self.workers.append(_Worker(name, process, parent))
+
+    def start(self, settings: Settings) -> None:
+        """Hand each receiver process the settings (once the index exists: a receiver opens
+        it, never creates it) and wait until each has opened its write path. Raises
+        ``RuntimeError`` (after stopping them all) when one does not."""
+        for worker in self.workers:
             reply = b""
             with contextlib.suppress(OSError):
-                parent.sendall(pickle.dumps(settings))
-                parent.settimeout(_START_TIMEOUT)
-                reply = parent.recv(16)
-                parent.settimeout(None)
+                worker.control.sendall(pickle.dumps(settings))
+                worker.control.settimeout(_START_TIMEOUT)
+                reply = worker.control.recv(16)
+                worker.control.settimeout(None)
             if reply != b"R":
                 self.stop(0)
-                raise RuntimeError(f"receiver process {name} did not start (exit code "
-                                   f"{process.poll()}); see its log lines above")
+                raise RuntimeError(f"receiver process {worker.name} did not start (exit code "
+                                   f"{worker.process.poll()}); see its log lines above")
+        for worker in self.workers:
             threading.Thread(target=self._listen, args=(worker,), daemon=True,
-                             name=f"{name}-control").start()
+                             name=f"{worker.name}-control").start()
 
     def _listen(self, worker: _Worker) -> None:
         """Count the associations ``worker`` reports ended; notice when it dies."""
@@ -175,11 +190,16 @@ def _worker_main(name: str, control: socket.socket) -> None:
 
     _without_optional_libraries()
     multiprocessing.current_process().name = name  # %(processName)s in its log lines
-    settings: Settings = pickle.loads(control.recv(1 << 20))  # from our own parent
-    setup_logging(settings)
+    # Loaded before the settings come: meanwhile the main process loads its own and opens
+    # the index (receiver processes start first, see ``gateway.cli.serve``).
     from gateway import receiver
     from gateway.bootstrap import build_write_path
 
+    pickled = control.recv(1 << 20)
+    if not pickled or pickled == b"S":  # the main process gave up starting (or died)
+        return
+    settings: Settings = pickle.loads(pickled)  # from our own parent
+    setup_logging(settings)
     storage, index, ingest = build_write_path(settings, create_schema=False)
     receiver.ReceiveSink.stage_into(storage)
     # The main process has checked the called AE title (ours or a cohort's) before handing over.
@@ -230,3 +250,6 @@ def _worker_main(name: str, control: socket.socket) -> None:
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1], socket.socket(fileno=int(sys.argv[2])))
+    # Everything is closed: skip the interpreter's teardown (the main process waits for it).
+    logging.shutdown()
+    os._exit(0)

@@ -489,6 +489,33 @@ def test_a_receiver_process_does_not_outlive_a_killed_gateway(make_gateway: obje
         assoc.abort()
 
 
+@pytest.mark.parametrize("taken", ["dimse", "http"])
+def test_a_taken_port_ends_the_gateway_with_its_setting_named_and_no_receiver_left(
+        make_gateway: object, taken: str) -> None:
+    """Receiver processes are launched first, before the main process listens: when a port
+    turns out to be taken, the gateway exits 2 (configuration) with one line naming the
+    setting, and no receiver process is left behind."""
+    import socket
+    import time
+
+    started = time.time() - 1
+    gw = make_gateway(extra={"dimse": {"workers": 2}})  # type: ignore[operator]
+    port = gw.dimse_port if taken == "dimse" else gw.http_port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(RuntimeError, match="exited with"):
+            gw.start()
+    assert gw.process is not None and gw.process.returncode == 2
+    assert f"configuration error: {taken}.port: cannot listen on 127.0.0.1:{port}" in gw.log
+    assert "Traceback" not in gw.log
+    receivers = [p for p in psutil.process_iter(["cmdline", "create_time"])
+                 if "gateway.workers" in " ".join(p.info["cmdline"] or ())
+                 and p.info["create_time"] >= started]
+    _gone, alive = psutil.wait_procs(receivers, timeout=10)
+    assert alive == [], "a receiver process outlived a gateway that did not start"
+
+
 def test_sigterm_lets_an_association_in_progress_finish(make_gateway: object,
                                                         tmp_path: Path) -> None:
     """SIGTERM stops new associations but drains the open ones: a sender in the middle of a
