@@ -156,7 +156,7 @@ def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
     http_thread.start()
     log.info("imaging-gateway ready: DICOM %s@%s (%d receiver process(es)), HTTP %s:%s, "
              "DICOMweb %s", settings.dimse["ae_title"], dimse_address,
-             settings.dimse_workers, settings.http["host"], http.server_port,
+             settings.dimse_workers, settings.http["host"], http.socket.getsockname()[1],
              settings.dicomweb_url)
     signame = _wait_for_signal()
     log.info("%s received: draining", signame)

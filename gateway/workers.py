@@ -24,7 +24,11 @@ pickled :class:`~gateway.config.Settings`; the worker answers ``R`` once its wri
 open; then the parent sends ``A`` + JSON address with the socket attached, or ``S`` to stop
 (finish open associations, then exit); the worker answers ``D`` for each association ended.
 A worker that reads end-of-file (the main process died) aborts its associations and exits,
-so no receiver outlives the gateway.
+so no receiver outlives the gateway. Workers ignore SIGTERM and SIGINT (a service manager or a
+terminal signals every process of the gateway at once): stopping is the main process's call.
+
+The main process launches its workers before it loads its own libraries (``gateway.cli``),
+and sends the settings once it has opened the index: both processes load meanwhile.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -190,6 +195,11 @@ def _worker_main(name: str, control: socket.socket) -> None:
 
     _without_optional_libraries()
     multiprocessing.current_process().name = name  # %(processName)s in its log lines
+    # Stopping is the main process's to decide (it sends S, then waits for the drain): a
+    # service manager or a terminal signals every process of the gateway at once, and a
+    # receiver dying on it would abort the associations it is draining.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Loaded before the settings come: meanwhile the main process loads its own and opens
     # the index (receiver processes start first, see ``gateway.cli.serve``).
     from gateway import receiver

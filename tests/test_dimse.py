@@ -542,6 +542,39 @@ def test_sigterm_lets_an_association_in_progress_finish(make_gateway: object,
     assert "draining" in gw.log
 
 
+def test_sigterm_to_every_process_of_the_gateway_still_drains(make_gateway: object,
+                                                              tmp_path: Path) -> None:
+    """systemd (KillMode=control-group) and a terminal's Ctrl-C signal every process of the
+    service at once, receiver processes included: they leave stopping to the main process, so
+    associations in progress on each of them still finish, every instance stored."""
+    import time
+
+    require_dcmtk()
+    gw = make_gateway(extra={"dimse": {"workers": 2}}).start()  # type: ignore[operator]
+    files = fresh_copies(tmp_path, 40)
+    senders = [subprocess.Popen(["storescu", "--repeat", "5", "-aec", gw.ae_title, "127.0.0.1",
+                                 str(gw.dimse_port), *map(str, files[n::2])], env=dcmtk_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for n in range(2)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and {
+            line.split()[3] for line in gw.log.splitlines()
+            if "association accepted from STORESCU" in line} != {"MainProcess", "dimse-1"}:
+        time.sleep(0.01)
+    assert gw.process is not None
+    everyone = [psutil.Process(gw.process.pid)]
+    everyone += everyone[0].children(recursive=True)
+    assert len(everyone) >= 2
+    for process in everyone:
+        process.send_signal(15)
+    for sender in senders:
+        assert sender.wait(60) == 0, sender.stdout.read() if sender.stdout else ""
+    assert gw.process.wait(60) == 0
+    for path in files:
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert stored_path(gw.data, sop) is not None and _index_has(gw, sop)
+
+
 def test_only_storage_associations_go_to_receiver_processes() -> None:
     """A receiver process loads only the write path: associations proposing anything besides
     Verification and Storage (query/retrieve, Storage Commitment) stay in the main process."""
