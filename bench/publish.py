@@ -88,7 +88,7 @@ class PublishOptions:
         return self.quiet_seconds + SLACK_SECONDS
 
 
-QUICK = PublishOptions(runs=2, quiet_seconds=1.0, studies=50)
+QUICK = PublishOptions(runs=2, quiet_seconds=1.0, studies=20)
 FULL = PublishOptions(runs=3, quiet_seconds=2.0, studies=200)
 
 
