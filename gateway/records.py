@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,6 +444,9 @@ def _read_simple(handle: BinaryIO) -> tuple[RawElements, str] | None:
     return elements, transfer_syntax
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
 def read_instance(path: Path) -> InstanceRecord:
     """Parse the Part 10 file at ``path`` without loading pixel data and build its record.
 
@@ -452,7 +456,9 @@ def read_instance(path: Path) -> InstanceRecord:
         The file is not DICOM, is truncated, lacks a file meta Transfer Syntax, or a required
         UID (Study, Series, SOP Instance, SOP Class) is missing or invalid.
     """
-    with warnings.catch_warnings(record=True) as caught:
+    # catch_warnings swaps the process's global filter list: two threads in it at once would
+    # leave one's "always" filter installed for good (and could each miss their warnings).
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with open(path, "rb") as handle:

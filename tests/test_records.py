@@ -111,3 +111,40 @@ def test_the_simple_reader_gives_the_record_pydicoms_parser_gives(
     monkeypatch.setattr(records, "_read_simple", lambda handle: None)
     assert outcomes() == simple
     assert used > 150  # the fast path is the common one, not a rarity
+
+
+def test_reading_headers_in_parallel_leaves_the_warning_filters_alone(tmp_path: Path) -> None:
+    """Associations store in parallel threads of one process: the warnings ``read_instance``
+    records for itself must neither leak into the process's filters nor miss a truncation."""
+    import sys
+    import threading
+    import warnings
+
+    data = Path(get_testdata_files("MR_small_bigendian.dcm")[0]).read_bytes()  # pydicom's parser
+    good, short = tmp_path / "good.dcm", tmp_path / "short.dcm"
+    good.write_bytes(data)
+    short.write_bytes(data[:-1000])
+    filters = list(warnings.filters)
+    accepted: list[Path] = []
+
+    def read(path: Path) -> None:
+        for _ in range(200):
+            try:
+                read_instance(path)
+            except StoreError:
+                continue
+            if path == short:
+                accepted.append(path)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=read, args=(path,)) for path in (good, short) * 2]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert accepted == []
+    assert warnings.filters == filters
