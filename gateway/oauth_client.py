@@ -24,9 +24,6 @@ from typing import Any, Final, Literal, cast
 from urllib.parse import urlencode
 
 import requests
-from authlib.common.errors import AuthlibBaseError
-from authlib.integrations.requests_client import OAuth2Session
-from joserfc import jwt
 
 from gateway.credentials import Secret, load_signing_key
 from gateway.errors import FhirAuthError, FhirError, FhirTransientError
@@ -135,6 +132,10 @@ class ClientCredentials:
             auth_method = method
         else:
             raise ValueError(f"unknown client authentication method {method!r}")
+        # authlib and joserfc (with cryptography behind them: 0.2 s to import, ~10 MB) are
+        # loaded only by a process that authenticates, not by every gateway process.
+        from authlib.integrations.requests_client import OAuth2Session
+
         self._oauth = OAuth2Session(client_id, secret, token_endpoint_auth_method=auth_method,
                                     scope=scope or None)
         self._oauth.register_compliance_hook("access_token_response", self._check_response)
@@ -205,6 +206,8 @@ class ClientCredentials:
         return self._token_url
 
     def _fetch(self) -> _Token:
+        from authlib.common.errors import AuthlibBaseError
+
         url = self.token_url
         started = self._clock()
         try:
@@ -292,6 +295,8 @@ class ClientCredentials:
         """
         if self.key_id is None or self.algorithm is None:
             raise ValueError("client assertions need private_key_jwt")
+        from joserfc import jwt
+
         now = int(time.time())
         header = {"alg": self.algorithm, "kid": self.key_id, "typ": "JWT"}
         claims = {"iss": self.client_id, "sub": self.client_id, "aud": audience, "iat": now,
