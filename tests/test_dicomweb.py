@@ -495,12 +495,19 @@ def test_client_disconnecting_mid_upload_leaves_no_staging_files(
     body = _multipart(_files(*paths))
     head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1:{gateway.http_port}\r\n"
             f"Content-Type: {STOW_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    answered = gateway.log.count("POST /dicomweb/studies HTTP/1.1")
     with socket.create_connection(("127.0.0.1", gateway.http_port), timeout=10) as sock:
         sock.sendall(head + body[: len(body) // 2])
-        time.sleep(0.5)  # let the server start writing the first part to staging
-    deadline = time.monotonic() + 15  # the disconnect is seen at once, or after read_timeout
-    while _staging(gateway) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.5)
+    # The server reads the body until the end of the stream, which the disconnect brings
+    # (or read_timeout): then it stages what came, finds the body cut and answers 400. Its
+    # staging must be empty once it has answered (polling staging alone could look before
+    # the parts were even written).
+    deadline = time.monotonic() + 15
+    while gateway.log.count("POST /dicomweb/studies HTTP/1.1") == answered \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gateway.log.count("POST /dicomweb/studies HTTP/1.1") == answered + 1
     assert _staging(gateway) == [], gateway.log[-3000:]
     assert _blobs(gateway) == blobs
     for path in paths:
