@@ -1,8 +1,11 @@
-"""``python -m bench``: run the benchmarks and write docs/benchmarks.md + bench/results/latest.json.
+"""``python -m bench``: run the benchmarks and write a Markdown report + bench/results/latest.json.
+
+The report of a whole ``--full`` run is docs/benchmarks.md (the project's record); any other
+run writes bench/results/report.md unless ``--out`` names a file.
 
 Examples::
 
-    python -m bench --quick                          # small dataset, main targets, < 2 min
+    python -m bench --quick                          # small dataset, main targets, ~2 min
     python -m bench --full --runs 3                  # ≈2600 instances, ≈1.1 GB, + scale
     python -m bench --full --targets storescp,orthanc --assocs 1
     python -m bench --quick --measures qido,wado     # query/retrieve only
@@ -44,6 +47,22 @@ mode took three minutes instead of under two."""
 QUICK_MEASURES = ("ingest", *QR_MEASURES, "publish")
 """What --quick runs unless --measures says otherwise (scale and cohort are opt-in there:
 their indexes take minutes to build the first time)."""
+
+
+RECORD = REPO_ROOT / "docs/benchmarks.md"
+"""The committed report: only a whole ``--full`` run (every measure, every target) writes it
+unless ``--out`` says otherwise, so a quick or partial run never replaces the record."""
+SCRATCH = REPO_ROOT / "bench/results/report.md"
+"""Where any other run's report goes by default (bench/results/ is not committed)."""
+
+
+def report_path(args: argparse.Namespace) -> Path:
+    """``--out``, else :data:`RECORD` for a whole ``--full`` run and :data:`SCRATCH` for any
+    other."""
+    if args.out is not None:
+        return Path(args.out)
+    whole = args.full and args.measures is None and args.targets is None
+    return RECORD if whole else SCRATCH
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,8 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep each ingest run's files until all are done instead of deleting "
                    "them before the next run (default: when the disk has room for every "
                    "run; see bench.ingest.KEEP_RUNS)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs/benchmarks.md",
-                   help="Markdown report (default docs/benchmarks.md)")
+    p.add_argument("--out", type=Path,
+                   help=f"Markdown report (default {RECORD.relative_to(REPO_ROOT)} for a whole "
+                   f"--full run, the project's record; else {SCRATCH.relative_to(REPO_ROOT)})")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "bench/results/latest.json",
                    help="raw results (default bench/results/latest.json)")
     p.add_argument("--cache", type=Path, default=Path(BENCH_ROOT_DEFAULT),
@@ -227,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                    else args.json)
     doc = render_document(command, raw["machine"], raw["tools"], dataset.describe(), sections,
                           raw_path)
+    args.out = report_path(args)
     write_outputs(doc, args.out, raw, args.json)
     print(doc)
     print(f"wrote {args.out} and {args.json} in {raw['wall_seconds']:.0f} s", file=sys.stderr)

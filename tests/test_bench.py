@@ -124,3 +124,16 @@ def test_publish_measure_runs_against_sekmet(tmp_path: Path) -> None:
     assert thr["status"] == "ok", thr["error"]
     assert thr["requests"]["POST ImagingStudy"] == 4, thr["requests"]
     assert thr["gateway"]["studies"] == thr["put_parallel"]["studies"] == 4
+
+
+def test_only_a_whole_full_run_replaces_the_committed_report() -> None:
+    """docs/benchmarks.md is the project's record: a quick or partial run writes its report
+    under bench/results/ unless told otherwise."""
+    from bench.__main__ import RECORD, SCRATCH, parse_args, report_path
+
+    assert report_path(parse_args(["--full"])) == RECORD
+    assert report_path(parse_args([])) == SCRATCH
+    assert report_path(parse_args(["--quick"])) == SCRATCH
+    assert report_path(parse_args(["--full", "--measures", "ingest"])) == SCRATCH
+    assert report_path(parse_args(["--full", "--targets", "gateway,storescp"])) == SCRATCH
+    assert report_path(parse_args(["--quick", "--out", "x.md"])) == Path("x.md")
