@@ -92,17 +92,16 @@ def _local_load() -> int:
 
 def serve(settings: Settings) -> int:
     """Run the DICOM listener and the HTTP server until SIGTERM/SIGINT, then drain and exit."""
-    from gateway.workers import ReceiverPool
+    from gateway.workers import ReceiverPool, ReceiverStartError
 
     pool: ReceiverPool | None = None
-    if settings.dimse_workers > 1:  # first: they load their libraries while this one does
-        try:
-            pool = ReceiverPool(settings.dimse_workers - 1, local_load=_local_load)
-        except RuntimeError as exc:
-            log.error("%s", exc)
-            return 1
     try:
+        if settings.dimse_workers > 1:  # first: they load their libraries while this one does
+            pool = ReceiverPool(settings.dimse_workers - 1, local_load=_local_load)
         return _serve(settings, pool)
+    except ReceiverStartError as exc:  # already stopped, with every other receiver
+        log.error("%s", exc)
+        return 1
     except BaseException:
         if pool is not None:  # e.g. the port is taken: the receivers go too
             pool.stop(0)
@@ -116,6 +115,7 @@ def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
     from gateway.bootstrap import build_services
     from gateway.dimse import SHUTDOWN_POLL_SECONDS, DimseNode
     from gateway.web import InFlight, create_app
+    from gateway.workers import ReceiverStartError
 
     services = build_services(settings)
     leftovers = services.storage.clear_staging()
@@ -126,23 +126,18 @@ def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
         log.warning("the last run did not stop cleanly; %d stored instances whose index rows "
                     "were lost were indexed again", recovered)
     node = DimseNode(settings, services.ingest, services.cohorts)
-    if pool is not None:
-        try:  # the index exists now (a receiver process opens it, never creates it)
-            pool.start(settings)
-        except RuntimeError as exc:
-            log.error("%s", exc)
-            services.close()
-            return 1
-        node.hand_off = pool.hand_off
     in_flight = InFlight(create_app(services))
     handler = type("RequestHandler", (WSGIRequestHandler,),
                    {"timeout": settings.http["read_timeout"]})  # socket timeout per connection
     try:
+        if pool is not None:  # the index exists now (a receiver opens it, never creates it)
+            pool.start(settings)  # ReceiverStartError when one does not (all stopped)
+            node.hand_off = pool.hand_off
         host, port = _listening(settings.dimse, "dimse", node.start)
         with _listening(settings.http, "http", lambda: _bound(settings.http)) as bound:
             http = make_server(settings.http["host"], settings.http["port"], in_flight,
                                threaded=True, request_handler=handler, fd=bound.fileno())
-    except ConfigError:  # a port taken, say: nothing was received, a clean stop
+    except (ConfigError, ReceiverStartError):  # nothing was received: a clean stop
         node.stop(drain_seconds=0)
         services.index.end_running()
         services.close()

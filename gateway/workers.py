@@ -62,6 +62,10 @@ class _Worker:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class ReceiverStartError(RuntimeError):
+    """A receiver process could not be launched or did not open its write path."""
+
+
 class ReceiverPool:
     """The N - 1 receiver processes of the main one, and the choice of who serves what."""
 
@@ -82,7 +86,7 @@ class ReceiverPool:
             except OSError as exc:
                 parent.close()
                 self.stop(0)
-                raise RuntimeError(f"receiver process {name} could not be started: {exc}") \
+                raise ReceiverStartError(f"receiver process {name} could not be started: {exc}") \
                     from exc
             finally:
                 child.close()
@@ -91,7 +95,7 @@ class ReceiverPool:
     def start(self, settings: Settings) -> None:
         """Hand each receiver process the settings (once the index exists: a receiver opens
         it, never creates it) and wait until each has opened its write path. Raises
-        ``RuntimeError`` (after stopping them all) when one does not."""
+        ``ReceiverStartError`` (after stopping them all) when one does not."""
         for worker in self.workers:
             reply = b""
             with contextlib.suppress(OSError):
@@ -101,7 +105,7 @@ class ReceiverPool:
                 worker.control.settimeout(None)
             if reply != b"R":
                 self.stop(0)
-                raise RuntimeError(f"receiver process {worker.name} did not start (exit code "
+                raise ReceiverStartError(f"receiver process {worker.name} did not start (exit code "
                                    f"{worker.process.poll()}); see its log lines above")
         for worker in self.workers:
             threading.Thread(target=self._listen, args=(worker,), daemon=True,
