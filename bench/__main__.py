@@ -5,7 +5,7 @@ run writes bench/results/report.md unless ``--out`` names a file.
 
 Examples::
 
-    python -m bench --quick                          # small dataset, main targets, ~2 min
+    python -m bench --quick                          # small dataset, main targets, ~1.5 min
     python -m bench --full --runs 3                  # ≈2600 instances, ≈1.1 GB, + scale
     python -m bench --full --targets storescp,orthanc --assocs 1
     python -m bench --quick --measures qido,wado     # query/retrieve only

@@ -45,7 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,8 @@ class PublishOptions:
     instances_per_study: int = 3
     workers: int = 4
     """``publish.workers``: the publisher's concurrency, and the plain-PUT client's."""
+    latency_studies: int | None = None
+    """studies of the benchmark dataset sent one at a time in the latency phase (None: all)."""
 
     @property
     def latency_limit_s(self) -> float:
@@ -88,7 +90,7 @@ class PublishOptions:
         return self.quiet_seconds + SLACK_SECONDS
 
 
-QUICK = PublishOptions(runs=2, quiet_seconds=1.0, studies=20)
+QUICK = PublishOptions(runs=2, quiet_seconds=1.0, studies=20, latency_studies=3)
 FULL = PublishOptions(runs=3, quiet_seconds=2.0, studies=200)
 
 
@@ -400,6 +402,7 @@ def run(dataset: GeneratedDataset, cache: Path, opts: PublishOptions, *,
     if available is not None:
         return {"error": available}, f"## FHIR publishing\n\nNot measured: {available}.\n"
     small = ensure_dataset(small_spec(opts), cache)
+    dataset = replace(dataset, studies=dataset.studies[:opts.latency_studies])
     workroot = cache / "runs"
     workroot.mkdir(parents=True, exist_ok=True)
     throughput: list[ThroughputRun] = []
