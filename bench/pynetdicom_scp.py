@@ -68,6 +68,10 @@ def build_ae(aet: str, max_pdu: int) -> AE:
     return ae
 
 
+def _wake(signum: int, frame: FrameType | None) -> None:
+    """A signal handler that only lets :func:`signal.pause` return."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, serve until SIGTERM/SIGINT, and exit 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,24 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_nodelay:
         _enable_nodelay_on_accept()
     ae = build_ae(args.aet, args.max_pdu)
-    server = ae.start_server(  # non-blocking: returns the server
+    ae.start_server(  # non-blocking: serves from its own thread
         (args.host, args.port),
         block=False,
         evt_handlers=[(evt.EVT_C_STORE, _store_handler(args.out, args.chunked))],
     )
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        signal.pause()
-    except SystemExit:
-        pass
+    signal.signal(signal.SIGTERM, _wake)
+    signal.signal(signal.SIGINT, _wake)
+    signal.pause()  # returns once either has arrived (and its handler ran)
     # Each handler wrote its file before answering, so nothing is pending once the senders
     # are done; socketserver's shutdown() would wait up to its 0.5 s poll for nothing.
-    del server
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
