@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
+#: At a stop, how long HTTP requests already running may take to finish.
+DRAIN_SECONDS = 30
+
 
 # -- serve ----------------------------------------------------------------------------------------
 def _wait_for_signal() -> str:
@@ -110,10 +113,9 @@ def serve(settings: Settings) -> int:
 
 def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
     """:func:`serve` once its receiver processes (if any) are launched."""
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
     from gateway.bootstrap import build_services
-    from gateway.dimse import SHUTDOWN_POLL_SECONDS, DimseNode
+    from gateway.dimse import DimseNode
+    from gateway.http_server import AccessLog, Server
     from gateway.web import InFlight, create_app
     from gateway.workers import ReceiverStartError
 
@@ -126,17 +128,18 @@ def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
         log.warning("the last run did not stop cleanly; %d stored instances whose index rows "
                     "were lost were indexed again", recovered)
     node = DimseNode(settings, services.ingest, services.cohorts)
-    in_flight = InFlight(create_app(services))
-    handler = type("RequestHandler", (WSGIRequestHandler,),
-                   {"timeout": settings.http["read_timeout"]})  # socket timeout per connection
+    in_flight = InFlight(AccessLog(create_app(services)))
     try:
         if pool is not None:  # the index exists now (a receiver opens it, never creates it)
             pool.start(settings)  # ReceiverStartError when one does not (all stopped)
             node.hand_off = pool.hand_off
         host, port = _listening(settings.dimse, "dimse", node.start)
-        with _listening(settings.http, "http", lambda: _bound(settings.http)) as bound:
-            http = make_server(settings.http["host"], settings.http["port"], in_flight,
-                               threaded=True, request_handler=handler, fd=bound.fileno())
+        bound = _listening(settings.http, "http", lambda: _bound(settings.http))
+        http = Server(in_flight, bound, threads=settings.http["threads"],
+                      read_timeout=settings.http["read_timeout"],
+                      shutdown_timeout=DRAIN_SECONDS,
+                      max_request_bytes=settings.http["max_request_bytes"])
+        http.prepare()  # adopts the socket and starts the threads
     except (ConfigError, ReceiverStartError):  # nothing was received: a clean stop
         node.stop(drain_seconds=0)
         services.index.end_running()
@@ -146,18 +149,18 @@ def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
     if services.publisher is not None:
         services.publisher.start()
         log.info("publishing to FHIR server %s", services.publisher.client.base_url)
-    http_thread = threading.Thread(target=http.serve_forever, name="http", daemon=True,
-                                   kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS})
+    http_thread = threading.Thread(target=http.serve, name="http", daemon=True)
     http_thread.start()
     log.info("imaging-gateway ready: DICOM %s@%s (%d receiver process(es)), HTTP %s:%s, "
              "DICOMweb %s", settings.dimse["ae_title"], dimse_address,
-             settings.dimse_workers, settings.http["host"], http.socket.getsockname()[1],
+             settings.dimse_workers, settings.http["host"], bound.getsockname()[1],
              settings.dicomweb_url)
     signame = _wait_for_signal()
     log.info("%s received: draining", signame)
-    http.shutdown()
-    if not in_flight.idle.wait(30):
-        log.warning("%d HTTP requests still running after 30 s; exiting", in_flight.count)
+    http.stop()  # no new request; those running finish (up to DRAIN_SECONDS)
+    if not in_flight.idle.wait(1):
+        log.warning("%d HTTP requests still running after %d s; exiting", in_flight.count,
+                    DRAIN_SECONDS)
     node.stop()
     if pool is not None:
         pool.stop()

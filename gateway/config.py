@@ -280,8 +280,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "read_timeout": Key(
             _positive, 60,
-            "Seconds an HTTP connection may stay silent (e.g. mid-upload) before it is closed "
-            "and any partial upload discarded.",
+            "Seconds an HTTP connection may stay silent (mid-upload, or idle between the "
+            "requests of a kept-alive connection) before it is closed and any partial upload "
+            "discarded.",
+        ),
+        "threads": Key(
+            _positive, 32,
+            "HTTP requests served at once (a pool of threads); more wait for a free one. An "
+            "idle keep-alive connection takes none.",
         ),
         "max_request_bytes": Key(
             _positive, 2 * 1024**3,
