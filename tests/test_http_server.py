@@ -62,6 +62,24 @@ def test_an_early_answer_to_a_large_unread_upload_closes_the_connection(
     assert waited < 5, f"the server waited {waited:.1f} s for a body it did not need"
 
 
+def test_an_early_answer_to_a_small_upload_keeps_the_connection(
+        gateway: GatewayProcess) -> None:
+    """The same 415 to a body that has fully arrived: the server reads past it (RFC 9112 §9.3
+    needs the next request to start where this body ends) and the connection stays open."""
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=10)
+    try:
+        conn.request("POST", "/dicomweb/studies", body=b"x" * 300_000,
+                     headers={"Content-Type": "text/plain"})
+        refused = conn.getresponse()
+        refused.read()
+        sock = conn.sock
+        assert refused.status == 415 and not refused.will_close
+        assert _get(conn, "/healthz").status == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
 def test_each_request_is_logged_once_answered(gateway: GatewayProcess) -> None:
     """The access log: client, request line, status, bytes sent, milliseconds."""
     conn = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=10)
