@@ -70,15 +70,15 @@ def _listening(section: Mapping[str, Any], name: str, start: Callable[[], _Liste
 
 
 def _bound(section: Mapping[str, Any]) -> socket.socket:
-    """A socket listening on ``section``'s host and port (werkzeug, binding by itself, would
-    print the error and exit instead of raising it)."""
-    from werkzeug.serving import get_sockaddr, select_address_family
-
-    family = select_address_family(section["host"], section["port"])
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """A socket listening on ``section``'s host and port, bound here so that a port that
+    cannot be had raises (:func:`_listening` names the setting) before anything serves."""
+    family, kind, proto, _name, address = socket.getaddrinfo(
+        section["host"], int(section["port"]), type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(get_sockaddr(section["host"], int(section["port"]), family))
+        sock.bind(address)
         sock.listen(128)
     except OSError:
         sock.close()
