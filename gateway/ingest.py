@@ -346,7 +346,7 @@ class Ingest:
             # A new name: moved into place first, then made durable (file, then directory);
             # until its row is committed, nothing names it.
             self.storage.put_file(key, path, move=move, durable=False)
-            failed = self._sync(key, meanwhile)
+            failed = self._sync(key, meanwhile, record if defer_index else None)
             if failed:
                 raise failed[key]
         pending = _Pending(record, key, os.path.getsize(self.storage.file_of(key)), source)
@@ -359,15 +359,30 @@ class Ingest:
         self._commit(pending, replaced_key)
         return self._result(outcome, record)
 
-    def _sync(self, key: str, meanwhile: Callable[[], None] | None) -> dict[str, OutOfResources]:
-        """Step 4's flush of a newly named blob, with ``meanwhile`` run beside it."""
-        if meanwhile is None or not self.storage.fsync:
+    def _sync(self, key: str, meanwhile: Callable[[], None] | None,
+              to_mark: InstanceRecord | None) -> dict[str, OutOfResources]:
+        """Step 4's flush of a newly named blob, with ``meanwhile`` run beside it, then the
+        recovery mark of ``to_mark``'s series when it needs one (``defer_index``): that mark
+        is a durable index commit, a flush of its own, which then overlaps the blob's instead
+        of following it (once per new series: ~10 ms here)."""
+        if not self.storage.fsync or (meanwhile is None and (
+                to_mark is None or not self.index.needs_mark(to_mark.series_uid, time.time()))):
             return self.storage.sync([key])
-        beside = _helpers().submit(meanwhile)
+
+        def beside_work() -> None:
+            if meanwhile is not None:
+                meanwhile()
+            if to_mark is not None and self.index.is_sqlite:
+                self._mark_for_recovery(to_mark)
+
+        beside = _helpers().submit(beside_work)
         try:
-            return self.storage.sync([key])
+            failed = self.storage.sync([key])
         finally:
-            beside.result()
+            error = beside.exception()  # waits for it; a failed mark fails the store
+        if error is not None:
+            raise error
+        return failed
 
     def _commit(self, pending: _Pending, replaced_key: str | None) -> None:
         """Step 5: the index rows of a durable blob; then the blob it replaced goes."""

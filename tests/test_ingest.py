@@ -18,7 +18,7 @@ from gateway.bootstrap import build_services
 from gateway.config import load_settings
 from gateway.errors import OutOfResources
 
-from samples import fresh_copies
+from samples import fresh_copies, synthetic_instance
 
 
 def _store_concurrently(services: Any, files: list[Path]) -> dict[Path, object]:
@@ -221,6 +221,31 @@ def test_an_instance_acknowledged_before_its_index_rows_survives_a_crash_in_betw
     assert restarted.index.find_instance(result.sop_uid) is not None
     assert restarted.index.counts()["instances"] == 2
     restarted.close()
+
+
+def test_a_new_series_is_marked_for_recovery_beside_the_blob_flush_and_before_the_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Index later": the recovery mark of a new series is a durable commit, a flush of its
+    own. It runs beside the blob's flush, after the previous instance's index rows (the
+    ``meanwhile`` work), and is done when store_file returns, so the acknowledgement still
+    comes after it; a mark that cannot be written fails the store."""
+    settings = load_settings(environ={}, overrides={"storage": {"path": str(tmp_path / "data")}})
+    services = build_services(settings)
+    beside: list[str] = []
+    first = services.ingest.store_file(
+        synthetic_instance(tmp_path), move=True, source="test", defer_index=True,
+        meanwhile=lambda: beside.append(threading.current_thread().name))
+    assert beside and beside[0].startswith("beside-fsync")
+    assert (first.study_uid, first.series_uid) in services.index.recovery_candidates()
+
+    def unwritable(series: Any) -> Any:  # failure injection: the index refuses the mark
+        raise OutOfResources("index unavailable: injected")
+
+    monkeypatch.setattr(services.index, "store_write", unwritable)
+    with pytest.raises(OutOfResources, match="injected"):
+        services.ingest.store_file(synthetic_instance(tmp_path), move=True, source="test",
+                                   defer_index=True, meanwhile=first.commit_index)
+    services.close()
 
 
 def test_index_rows_committed_after_the_response_are_retried_then_logged_never_raised(
