@@ -22,8 +22,8 @@ Three adjustments, each small:
   waits at most :data:`DRAIN_PATIENCE`) and up to ``http.max_request_bytes`` plus
   :data:`DRAIN_SLACK`; then answers. A client still sending thus sees the answer, not a
   connection reset (closing with unread data resets it, and the reset can overtake the
-  answer). A body that stops arriving or goes on past that closes the connection after the
-  answer.
+  answer). A body that stops arriving, goes on past that or is declared longer (not read at
+  all) closes the connection after the answer.
 
 Each request is logged (logger ``gateway.http``, INFO) once its answer is sent: client,
 request line, status, bytes and milliseconds.
@@ -104,7 +104,9 @@ def _body_left(request: Any) -> bool:
 
 def _discard_body(request: Any, limit: int) -> bool:
     """Read and drop the rest of the request body while it keeps arriving, up to ``limit``
-    bytes; True once all of it is read."""
+    bytes; True once all of it is read. A body declared longer is not read at all."""
+    if getattr(request.rfile, "remaining", 0) > limit:
+        return False
     sock = request.conn.socket
     timeout = sock.gettimeout()
     sock.settimeout(DRAIN_PATIENCE)
