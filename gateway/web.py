@@ -5,8 +5,6 @@ reader's clinical context in :mod:`gateway.api`),
 from __future__ import annotations
 
 import os
-import threading
-from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -22,29 +20,6 @@ from gateway import (  # noqa: F401  (qido registers its routes on dicomweb.bp)
 from gateway.bootstrap import Services
 from gateway.cohort import CohortError
 from gateway.storage import is_valid_uid
-
-
-class InFlight:
-    """WSGI middleware counting requests in progress, so shutdown can wait for them."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.count = 0
-        self._lock = threading.Lock()
-        self.idle = threading.Event()
-        self.idle.set()
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        with self._lock:
-            self.count += 1
-            self.idle.clear()
-        try:
-            yield from self.app(environ, start_response)
-        finally:
-            with self._lock:
-                self.count -= 1
-                if self.count == 0:
-                    self.idle.set()
 
 
 def create_app(services: Services) -> Flask:

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import http.client
 import socket
+import sqlite3
+import threading
 import time
+from pathlib import Path
+
+import pydicom
 
 from conftest import GatewayProcess
+from samples import fresh_copies, stored_path
 
 
 def _get(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
@@ -110,6 +116,39 @@ def test_a_stop_does_not_wait_for_idle_keep_alive_connections(gateway: GatewayPr
         assert conn.sock is not None and conn.sock.recv(1) == b""
     finally:
         conn.close()
+
+
+def test_a_stop_lets_a_request_in_progress_finish(gateway: GatewayProcess,
+                                                 tmp_path: Path) -> None:
+    """SIGTERM stops taking requests but lets those running finish: a STOW-RS upload half
+    sent when the signal comes is completed, answered 200 and stored."""
+    (path,) = fresh_copies(tmp_path, 1)
+    boundary = "gw-stop-test"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: gw\r\nContent-Type: multipart/related; "
+            f'type="application/dicom"; boundary={boundary}\r\n'
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gateway.http_port), timeout=30) as sock:
+        sock.sendall(head + body[:1000])
+        time.sleep(0.3)  # the request is being served (its body is being read)
+        stopping = threading.Thread(target=gateway.stop)
+        stopping.start()
+        deadline = time.monotonic() + 10
+        while "received: draining" not in gateway.log and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "received: draining" in gateway.log
+        time.sleep(1.5)  # a stop takes ~0.15 s when nothing holds it
+        sock.sendall(body[1000:])
+        answer = _read_until_closed(sock)
+        stopping.join(60)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert gateway.process is not None and gateway.process.returncode == 0
+    sop_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    assert stored_path(gateway.data, sop_uid) is not None
+    with sqlite3.connect(gateway.index_file) as db:
+        assert db.execute("SELECT 1 FROM instance WHERE SOPInstanceUID = ?",
+                          (sop_uid,)).fetchone() is not None
 
 
 def _read_until_closed(sock: socket.socket) -> bytes:
