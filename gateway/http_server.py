@@ -74,10 +74,9 @@ class _SendallWriter:
         self.closed = True
 
 
-def _make_file(sock: socket.socket, mode: str = "r", bufsize: int = -1) -> Any:
-    if "r" in mode:
-        return MakeFile(sock, mode, bufsize if bufsize > 0 else 8192)
-    return _SendallWriter(sock)
+def _make_file(sock: socket.socket, mode: str, bufsize: int) -> Any:
+    """cheroot's reader, and :class:`_SendallWriter` in place of its writer."""
+    return MakeFile(sock, mode, bufsize) if "r" in mode else _SendallWriter(sock)
 
 
 class _Connection(cheroot_server.HTTPConnection):

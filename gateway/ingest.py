@@ -346,40 +346,42 @@ class Ingest:
             # A new name: moved into place first, then made durable (file, then directory);
             # until its row is committed, nothing names it.
             self.storage.put_file(key, path, move=move, durable=False)
-            failed = self._sync(key, meanwhile, record if defer_index else None)
+            # A new series' recovery mark (defer_index) is a durable index commit, a flush of
+            # its own: beside the blob's, it overlaps it instead of following it (once per
+            # series, ~10 ms here).
+            mark = (lambda: self._mark_for_recovery(record)) if defer_index and \
+                self.index.needs_mark(record.series_uid, time.time()) else None
+            failed = self._sync(key, meanwhile, mark)
             if failed:
                 raise failed[key]
         pending = _Pending(record, key, os.path.getsize(self.storage.file_of(key)), source)
         replaced_key = existing.blob_key if existing is not None and \
             existing.blob_key != key else None
         if defer_index and self.index.is_sqlite:
-            self._mark_for_recovery(record)
+            self._mark_for_recovery(record)  # when not beside the flush (or it was not needed)
             return self._result(outcome, record, _RunOnce(
                 lambda: self._commit_acknowledged(pending, replaced_key)))
         self._commit(pending, replaced_key)
         return self._result(outcome, record)
 
-    def _sync(self, key: str, meanwhile: Callable[[], None] | None,
-              to_mark: InstanceRecord | None) -> dict[str, OutOfResources]:
-        """Step 4's flush of a newly named blob, with ``meanwhile`` run beside it, then the
-        recovery mark of ``to_mark``'s series when it needs one (``defer_index``): that mark
-        is a durable index commit, a flush of its own, which then overlaps the blob's instead
-        of following it (once per new series: ~10 ms here)."""
-        if not self.storage.fsync or (meanwhile is None and (
-                to_mark is None or not self.index.needs_mark(to_mark.series_uid, time.time()))):
+    def _sync(self, key: str, *beside: Callable[[], None] | None) -> dict[str, OutOfResources]:
+        """Step 4's flush of a newly named blob, with the ``beside`` work run meanwhile on a
+        helper thread, in order; the flush returns once that work is done too, and an
+        exception of it fails the store. Without fsync nothing runs beside (the caller runs
+        it after)."""
+        work = [w for w in beside if w is not None]
+        if not work or not self.storage.fsync:
             return self.storage.sync([key])
 
-        def beside_work() -> None:
-            if meanwhile is not None:
-                meanwhile()
-            if to_mark is not None and self.index.is_sqlite:
-                self._mark_for_recovery(to_mark)
+        def run_all() -> None:
+            for each in work:
+                each()
 
-        beside = _helpers().submit(beside_work)
+        helper = _helpers().submit(run_all)
         try:
             failed = self.storage.sync([key])
         finally:
-            error = beside.exception()  # waits for it; a failed mark fails the store
+            error = helper.exception()  # waits for it
         if error is not None:
             raise error
         return failed
