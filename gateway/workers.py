@@ -105,8 +105,9 @@ class ReceiverPool:
                 worker.control.settimeout(None)
             if reply != b"R":
                 self.stop(0)
-                raise ReceiverStartError(f"receiver process {worker.name} did not start (exit code "
-                                   f"{worker.process.poll()}); see its log lines above")
+                raise ReceiverStartError(f"receiver process {worker.name} did not start (exit "
+                                         f"code {worker.process.poll()}); see its log lines "
+                                         "above")
         for worker in self.workers:
             threading.Thread(target=self._listen, args=(worker,), daemon=True,
                              name=f"{worker.name}-control").start()
