@@ -114,7 +114,7 @@ def serve(settings: Settings) -> int:
 
 def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
     """:func:`serve` once its receiver processes (if any) are launched."""
-    from gateway.bootstrap import build_services
+    from gateway.bootstrap import build_services, settle_heap
     from gateway.dimse import DimseNode
     from gateway.http_server import AccessLog, Server
     from gateway.web import create_app
@@ -156,6 +156,7 @@ def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
              "DICOMweb %s", settings.dimse["ae_title"], dimse_address,
              settings.dimse_workers, settings.http["host"], bound.getsockname()[1],
              settings.dicomweb_url)
+    settle_heap()
     signame = _wait_for_signal()
     log.info("%s received: draining", signame)
     stopping = time.monotonic()

@@ -208,7 +208,7 @@ def _worker_main(name: str, control: socket.socket) -> None:
     # Loaded before the settings come: meanwhile the main process loads its own and opens
     # the index (receiver processes start first, see ``gateway.cli.serve``).
     from gateway import receiver
-    from gateway.bootstrap import build_write_path
+    from gateway.bootstrap import build_write_path, settle_heap
 
     pickled = control.recv(1 << 20)
     if not pickled or pickled == b"S":  # the main process gave up starting (or died)
@@ -231,6 +231,7 @@ def _worker_main(name: str, control: socket.socket) -> None:
             with contextlib.suppress(OSError), send_lock:
                 control.sendall(b"D")
 
+    settle_heap()
     control.sendall(b"R")
     while True:
         try:

@@ -616,6 +616,24 @@ def test_an_association_that_cannot_be_routed_is_closed_not_left_hanging() -> No
     theirs.close()
 
 
+def test_the_accept_loop_runs_no_full_garbage_collection(monkeypatch: object) -> None:
+    """pynetdicom's accept loop runs a full ``gc.collect()`` every 60th turn; in a server's
+    heap that held the GIL for up to 120 ms, stalling every association of the process. The
+    gateway's listener leaves collection to the collector's own schedule."""
+    import gc
+
+    from gateway.dimse import GatewayAssociationServer
+
+    collections: list[object] = []
+    monkeypatch.setattr(gc, "collect",  # type: ignore[attr-defined]
+                        lambda *args, **kwargs: collections.append(args) or 0)
+    server = GatewayAssociationServer.__new__(GatewayAssociationServer)
+    server._gc = [0, 59]  # what pynetdicom's __init__ sets
+    for _ in range(200):
+        server.service_actions()
+    assert collections == []
+
+
 def test_a_silent_peer_is_aborted_after_the_network_timeout(make_gateway: object) -> None:
     """PS3.8 9.1.5 (ARTIM, and the gateway's own dimse.network_timeout): an association on
     which the peer sends nothing is aborted, not held forever; the gateway goes on serving."""
