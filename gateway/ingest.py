@@ -520,13 +520,15 @@ class Ingest:
     @staticmethod
     def _validate(record: InstanceRecord, sop_class: str | None, sop_uid: str | None,
                   study_uid: str | None) -> None:
+        # What went wrong comes first: a C-STORE response's Error Comment keeps 64 characters.
         if sop_class is not None and record.sop_class_uid != sop_class:
             raise SOPClassMismatch(
-                f"data set SOP Class {record.sop_class_uid} does not match the declared "
-                f"{sop_class}")
+                f"SOP Class of the data set differs from the declared: {record.sop_class_uid} "
+                f"in the data set, {sop_class} declared")
         if sop_uid is not None and record.sop_uid != sop_uid:
             raise InvalidInstance(
-                f"data set SOP Instance UID {record.sop_uid} differs from the declared {sop_uid}")
+                f"SOP Instance UID of the data set differs from the declared: {record.sop_uid} "
+                f"in the data set, {sop_uid} declared")
         if study_uid is not None and record.study_uid != study_uid:
             raise StudyMismatch(
                 f"instance belongs to study {record.study_uid}, not {study_uid} named in the URL")
