@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -392,6 +392,8 @@ class Association:
         self.channel = upper_layer.Channel(sock, max_pdu=policy.max_pdu)
         self.reader = upper_layer.MessageReader((), self._sink_for)
         self._ready: deque[Message] = deque()
+        #: An A-RELEASE-RQ read while an operation was answered: released after it.
+        self._release_requested = False
 
     # -- association lifecycle -----------------------------------------------------------------
     def run(self) -> None:
@@ -517,24 +519,37 @@ class Association:
             The peer released (answered with A-RELEASE-RP) or aborted the association.
         """
         while not self._ready:
-            pdu = self.channel.read_pdu()
-            if pdu is None:
-                raise ProtocolError("connection closed without A-RELEASE", 0x00)
-            pdu_type, body = pdu
-            if pdu_type == 0x04:
-                self._ready.extend(self.reader.feed(body))
-            elif pdu_type == 0x05:  # A-RELEASE-RQ → A-RELEASE-RP
-                self.channel.run_deferred()  # indexed before the release is confirmed
-                self.channel.send(A_RELEASE_RP)
-                self.established = False
-                raise AssociationEnded("released by the peer")
-            elif pdu_type == 0x07:  # A-ABORT
-                log.warning("association with %s aborted by the peer", self.calling_ae)
-                self.established = False
-                raise AssociationEnded("aborted by the peer")
-            else:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", 0x02)
+            if self._release_requested:
+                self._release()
+            self._ready.extend(self._read_messages())
         return self._ready.popleft()
+
+    def _read_messages(self, *, release_later: bool = False) -> list[Message]:
+        """The messages the peer's next PDU completes (often none: a data set's first part).
+        ``release_later``: an A-RELEASE-RQ is kept for when the messages before it are
+        answered (it came while an operation was in progress: the operation finishes)."""
+        pdu = self.channel.read_pdu()
+        if pdu is None:
+            raise ProtocolError("connection closed without A-RELEASE", 0x00)
+        pdu_type, body = pdu
+        if pdu_type == 0x04:
+            return self.reader.feed(body)
+        if pdu_type == 0x05:  # A-RELEASE-RQ → A-RELEASE-RP
+            if release_later:
+                self._release_requested = True
+                return []
+            self._release()
+        if pdu_type == 0x07:  # A-ABORT
+            log.warning("association with %s aborted by the peer", self.calling_ae)
+            self.established = False
+            raise AssociationEnded("aborted by the peer")
+        raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", 0x02)
+
+    def _release(self) -> NoReturn:
+        self.channel.run_deferred()  # indexed before the release is confirmed
+        self.channel.send(A_RELEASE_RP)
+        self.established = False
+        raise AssociationEnded("released by the peer")
 
     def put_back(self, message: Message) -> None:
         """A message that arrived while another operation awaited its reply: served after."""
@@ -548,12 +563,14 @@ class Association:
             if _cancels(waiting, message_id):
                 self._ready.remove(waiting)
                 found = True
-        while not found and self.channel.readable():
-            message = self.next_message()
-            if _cancels(message, message_id):
-                found = True
-            elif message.command_field != C_CANCEL_RQ:
-                self.put_back(message)
+        # Only what arrived since: a message put back earlier is not read again (reading it
+        # again and again, with more waiting on the socket, was a loop that never ended).
+        while not found and not self._release_requested and self.channel.readable():
+            for message in self._read_messages(release_later=True):
+                if _cancels(message, message_id):
+                    found = True
+                elif message.command_field != C_CANCEL_RQ:
+                    self.put_back(message)
         return found
 
     def transfer_syntax(self, context_id: int) -> str:

@@ -104,8 +104,9 @@ def us(value: int) -> bytes:
 
 
 def ui(uid: str) -> bytes:
-    """A UI value, padded with NUL to an even length."""
-    raw = uid.encode("ascii")
+    """A UI value, padded with NUL to an even length. A character a UID cannot hold (a peer's
+    garbled UID, echoed back) becomes '?', which no validation takes for a UID."""
+    raw = uid.encode("ascii", "replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
@@ -150,9 +151,15 @@ def field_text(fields: dict[int, bytes], tag: int) -> str:
 
 
 def decode_data_set(data: bytes, transfer_syntax: str) -> Dataset:
-    """A data set received on a context with ``transfer_syntax`` (identifiers, responses)."""
-    return decode(io.BytesIO(data), transfer_syntax == IMPLICIT_LE,
-                  transfer_syntax != EXPLICIT_BE, transfer_syntax == DEFLATED_LE)
+    """A data set received on a context with ``transfer_syntax`` (identifiers, responses),
+    decoded whole: a value that cannot be read (a garbled VR, say) raises here, where the
+    caller answers that the data set cannot be decoded, not later where it is used (pydicom
+    converts each value on first access)."""
+    ds = decode(io.BytesIO(data), transfer_syntax == IMPLICIT_LE,
+                transfer_syntax != EXPLICIT_BE, transfer_syntax == DEFLATED_LE)
+    for _element in ds.iterall():  # converts every value, in sequences too
+        pass
+    return ds
 
 
 def encode_data_set(ds: Dataset, transfer_syntax: str) -> bytes:
