@@ -46,13 +46,14 @@ from samples import synthetic_instance
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 VERIFICATION = "1.2.840.10008.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 A_RELEASE_RQ = bytes.fromhex("0500000000040000000000")
 
 
 # -- the peer's bytes ----------------------------------------------------------------------------
 def associate_rq(called: str = "GW") -> bytes:
-    """A-ASSOCIATE-RQ proposing Secondary Capture (context 1), Verification (3) and Study Root
-    C-FIND (5)."""
+    """A-ASSOCIATE-RQ proposing Secondary Capture (context 1), Verification (3), Study Root
+    C-FIND (5) and C-MOVE (7)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = "FUZZER", called
@@ -62,7 +63,9 @@ def associate_rq(called: str = "GW") -> bytes:
     echo.context_id = 3
     find = build_context(STUDY_ROOT_FIND, [ExplicitVRLittleEndian])
     find.context_id = 5
-    primitive.presentation_context_definition_list = [storage, echo, find]
+    move = build_context(STUDY_ROOT_MOVE, [ExplicitVRLittleEndian])
+    move.context_id = 7
+    primitive.presentation_context_definition_list = [storage, echo, find, move]
     limit = MaximumLengthNotification()
     limit.maximum_length_received = 16384
     primitive.user_information = [limit]
@@ -105,8 +108,8 @@ def data_set_of(path: Path) -> tuple[str, bytes]:
 
 def session(sop_uid: str, data: bytes) -> bytes:
     """A whole association: a C-STORE whose command comes in two fragments and whose data set
-    comes over two PDUs (the first shared with the command's end), a C-FIND for the instance's
-    study, a C-ECHO, the release."""
+    comes over two PDUs (the first shared with the command's end), a C-FIND for every study,
+    a C-MOVE to a destination the gateway does not know, a C-ECHO, the release."""
     command = c_store_rq(sop_uid)
     half = len(data) // 2
     identifier = Dataset()
@@ -116,13 +119,16 @@ def session(sop_uid: str, data: bytes) -> bytes:
     identifier.ModalitiesInStudy = ""
     find = command_set(AffectedSOPClassUID=STUDY_ROOT_FIND, CommandField=0x0020, MessageID=8,
                        Priority=0, CommandDataSetType=0x0000)
-    echo = command_set(AffectedSOPClassUID=VERIFICATION, CommandField=0x0030, MessageID=9,
+    move = command_set(AffectedSOPClassUID=STUDY_ROOT_MOVE, CommandField=0x0021, MessageID=9,
+                       Priority=0, CommandDataSetType=0x0000, MoveDestination="NOWHERE")
+    echo = command_set(AffectedSOPClassUID=VERIFICATION, CommandField=0x0030, MessageID=10,
                        CommandDataSetType=0x0101)
     return (associate_rq()
             + p_data((1, 0x01, command[:10]))
             + p_data((1, 0x03, command[10:]), (1, 0x00, data[:half]))
             + p_data((1, 0x02, data[half:]))
             + p_data((5, 0x03, find), (5, 0x02, encode(identifier, False, True) or b""))
+            + p_data((7, 0x03, move), (7, 0x02, encode(identifier, False, True) or b""))
             + p_data((3, 0x03, echo))
             + A_RELEASE_RQ)
 
@@ -226,10 +232,10 @@ def test_an_intact_session_is_answered_in_order_even_when_the_peer_does_not_wait
         node: Node) -> None:
     """The session the garbled ones start from, sent at once (by a peer that does not wait
     for each response, although PS3.7 asks it to unless asynchronous operations were
-    negotiated): C-STORE Success, the C-FIND answered in full, then the C-ECHO, then the
-    release; the instance stored whole.
-    Until a C-FIND's check for C-CANCEL stopped re-reading requests it had put back, the
-    C-ECHO waiting behind it made that check loop forever at full CPU."""
+    negotiated): C-STORE Success, the C-FIND answered in full, the C-MOVE refused 0xA801
+    (destination unknown), the C-ECHO, the release; the instance stored whole. Until a
+    C-FIND's check for C-CANCEL stopped re-reading requests it had put back, the requests
+    waiting behind it made that check loop forever at full CPU."""
     sop_uid, data = node.sample()
     outcome = serve(node, session(sop_uid, data))
     assert outcome.escaped is None and not outcome.hung
@@ -238,7 +244,7 @@ def test_an_intact_session_is_answered_in_order_even_when_the_peer_does_not_wait
     answered = [(c.CommandField, c.Status) for c in commands]
     assert answered[0] == (0x8001, 0x0000)  # C-STORE-RSP Success
     assert (0x8020, 0xFF00) in answered  # C-FIND-RSP Pending: at least the study just stored
-    assert answered[-2:] == [(0x8020, 0x0000), (0x8030, 0x0000)]
+    assert answered[-3:] == [(0x8020, 0x0000), (0x8021, 0xA801), (0x8030, 0x0000)]
     _rejection, stored = node.ingest.index.prior_state(sop_uid)
     assert stored is not None
     assert read_instance(node.storage.path_for(stored.blob_key)).sop_uid == sop_uid
