@@ -421,6 +421,9 @@ class Association:
         except OSError as exc:
             if self.established:
                 log.warning("association with %s ended abnormally: %s", self.calling_ae, exc)
+        except Exception:  # a bug of ours: the peer gets an A-ABORT, the log the traceback
+            log.exception("association with %s aborted: internal error", self.calling_ae)
+            self.channel.abort(0x00, source=0x02)
         finally:
             self.channel.run_deferred()  # an acknowledged instance's rows, whatever happened
             self.established = False

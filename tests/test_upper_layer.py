@@ -2,14 +2,16 @@
 hostile peer sends: PS3.8 §9.3 PDUs and PS3.7 §9.3 command sets garbled byte by byte.
 
 Whatever arrives, an association ends with its connection closed (after an A-ABORT, an
-A-ASSOCIATE-RJ or a release), never with an exception escaping its thread or a wait for data
-that cannot come; nothing half received stays in staging; and an instance acknowledged with
-Success is stored, whole. The peer here is a plain socket speaking bytes built with pydicom and
-pynetdicom's own encoders, so the gateway's framing code does not check itself.
+A-ASSOCIATE-RJ or a release), never with an error of the gateway's own (an exception it did
+not expect, logged as such) or a wait for data that cannot come; nothing half received stays
+in staging; and an instance acknowledged with Success is stored, whole. The peer here is a
+plain socket speaking bytes built with pydicom and pynetdicom's own encoders, so the
+gateway's framing code does not check itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -193,9 +195,20 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 @dataclass
 class Outcome:
-    escaped: str | None
+    #: What the gateway logged as errors: an exception it did not expect (the association
+    #: then ends with an A-ABORT), or a store that failed for a reason of its own (0xA700).
+    errors: list[str]
     hung: bool
     sent_back: bytes
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(self.format(record))
 
 
 def serve(node: Node, stream: bytes) -> Outcome:
@@ -203,6 +216,7 @@ def serve(node: Node, stream: bytes) -> Outcome:
     ours, theirs = socket.socketpair()
     association = receiver.Association(ours, ("127.0.0.1", 104), node.dimse.policy,
                                        node.dimse.lean_store, node.dimse.lean_qr)
+    errors = _Errors()
     escaped: list[str] = []
 
     def run() -> None:
@@ -211,6 +225,8 @@ def serve(node: Node, stream: bytes) -> Outcome:
         except BaseException:
             escaped.append(traceback.format_exc())
 
+    logger = logging.getLogger("gateway")
+    logger.addHandler(errors)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     theirs.settimeout(10)
@@ -223,8 +239,9 @@ def serve(node: Node, stream: bytes) -> Outcome:
     except OSError:  # the gateway closed first (a reset while we were still sending)
         pass
     thread.join(10)
+    logger.removeHandler(errors)
     theirs.close()
-    return Outcome(escaped[0] if escaped else None, thread.is_alive(), bytes(back))
+    return Outcome(errors.seen + escaped, thread.is_alive(), bytes(back))
 
 
 # -- the properties --------------------------------------------------------------------------------
@@ -238,7 +255,7 @@ def test_an_intact_session_is_answered_in_order_even_when_the_peer_does_not_wait
     waiting behind it made that check loop forever at full CPU."""
     sop_uid, data = node.sample()
     outcome = serve(node, session(sop_uid, data))
-    assert outcome.escaped is None and not outcome.hung
+    assert outcome.errors == [] and not outcome.hung
     types, commands = responses(outcome.sent_back)
     assert types[0] == 0x02 and types[-1] == 0x06  # A-ASSOCIATE-AC ... A-RELEASE-RP
     answered = [(c.CommandField, c.Status) for c in commands]
@@ -263,7 +280,7 @@ def test_a_command_uid_that_is_not_ascii_is_refused_c000_and_the_association_goe
     stream = (associate_rq() + p_data((1, 0x03, command)) + p_data((1, 0x02, data))
               + A_RELEASE_RQ)
     outcome = serve(node, stream)
-    assert outcome.escaped is None and not outcome.hung
+    assert outcome.errors == [] and not outcome.hung
     types, commands = responses(outcome.sent_back)
     assert types == [0x02, 0x04, 0x06]
     assert commands[0].Status == 0xC000
@@ -288,11 +305,42 @@ def test_a_c_find_identifier_with_a_garbled_value_is_refused_c000(node: Node) ->
                        Priority=0, CommandDataSetType=0x0000)
     stream = associate_rq() + p_data((5, 0x03, find), (5, 0x02, garbled)) + A_RELEASE_RQ
     outcome = serve(node, stream)
-    assert outcome.escaped is None and not outcome.hung
+    assert outcome.errors == [] and not outcome.hung
     types, commands = responses(outcome.sent_back)
     assert types == [0x02, 0x04, 0x06]
     assert (commands[0].CommandField, commands[0].Status) == (0x8020, 0xC000)
     assert str(commands[0].ErrorComment).startswith("identifier cannot be decoded")
+
+
+def test_an_error_of_the_gateway_s_own_aborts_the_association_and_is_logged(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a handler (injected here: a C-FIND handler that raises) must not leave the
+    peer with a connection closed for no reason it can read: it gets an A-ABORT (PS3.8
+    §7.3.1: source "service provider"), and the log the traceback."""
+
+    def broken(_association: receiver.Association, _message: object) -> None:
+        raise RuntimeError("injected failure")
+
+    ours, theirs = socket.socketpair()
+    association = receiver.Association(ours, ("127.0.0.1", 104), node.dimse.policy,
+                                       node.dimse.lean_store, broken)
+    find = command_set(AffectedSOPClassUID=STUDY_ROOT_FIND, CommandField=0x0020, MessageID=3,
+                       Priority=0, CommandDataSetType=0x0000)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    theirs.sendall(associate_rq() + p_data((5, 0x03, find),
+                                           (5, 0x02, encode(identifier, False, True) or b"")))
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        association.run()
+    theirs.settimeout(5)
+    back = b""
+    while chunk := theirs.recv(65536):
+        back += chunk
+    theirs.close()
+    types, _commands = responses(back)
+    assert types == [0x02, 0x07]  # A-ASSOCIATE-AC, A-ABORT
+    assert back[-2:] == b"\x02\x00"  # source: service provider; reason: not specified
+    assert "aborted: internal error" in caplog.text and "injected failure" in caplog.text
 
 
 #: One edit of a session: what ("replace", "insert", "cut"), where (a number reduced to the
@@ -327,7 +375,7 @@ def test_a_garbled_session_ends_cleanly_and_stores_only_what_it_acknowledges(
         node: Node, edits: list[tuple[str, int, bool, bytes]]) -> None:
     sop_uid, data = node.sample()
     outcome = serve(node, garble(session(sop_uid, data), edits))
-    assert outcome.escaped is None, outcome.escaped
+    assert outcome.errors == [], outcome.errors[0]
     assert not outcome.hung, "the association's thread still waits after the peer's close"
     assert node.staged() == [], "a partial reception stayed in staging"
     _types, commands = responses(outcome.sent_back)
