@@ -132,8 +132,14 @@ COMPUTED = {"NumberOfPatientRelatedStudies": ("PATIENT", "IS"),
 #: Per level, the attribute that identifies a row of it (PS3.4 C.6.1.1 unique keys).
 UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
                "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
-_LIST_MATCHED = {"ModalitiesInStudy": series.c.Modality,
-                 "SOPClassesInStudy": instance.c.SOPClassUID}
+#: Study attributes matched against the study's series (instances): a study matches when one of
+#: them does. Their subqueries read aliases of those tables: in a series- or instance-level
+#: query the plain tables are the outer query's own rows, which the subquery would correlate
+#: to (SQLAlchemy then finds it no table of its own, and the query fails).
+_ANY_SERIES = series.alias("any_series")
+_ANY_INSTANCE = instance.alias("any_instance")
+_LIST_MATCHED = {"ModalitiesInStudy": _ANY_SERIES.c.Modality,
+                 "SOPClassesInStudy": _ANY_INSTANCE.c.SOPClassUID}
 #: Keys of the query itself, or answered by the entry point: never matched, never unsupported.
 _RETURN_ONLY = {"SpecificCharacterSet", "QueryRetrieveLevel", "RetrieveURL", "RetrieveAETitle"}
 _NUMERIC_VRS = {"IS", "US", "UL", "SL", "SS", "DS", "FL", "FD"}
@@ -404,9 +410,9 @@ def _condition_clause(attr: Attribute, condition: Condition, *, fuzzy: bool,
                                    else ATTRIBUTES["SOPClassUID"], inner, v, fuzzy=False,
                                    sqlite=sqlite) for v in values]
         if attr.keyword == "ModalitiesInStudy":
-            return exists().where(series.c.study_id == study.c.id, or_(*per_value))
-        return exists().where(instance.c.series_id == series.c.id,
-                              series.c.study_id == study.c.id, or_(*per_value))
+            return exists().where(_ANY_SERIES.c.study_id == study.c.id, or_(*per_value))
+        return exists().where(_ANY_INSTANCE.c.series_id == _ANY_SERIES.c.id,
+                              _ANY_SERIES.c.study_id == study.c.id, or_(*per_value))
     if attr.vr == "UI" and not any(_has_wildcard(v) for v in values):
         return attr.column.in_(values) if len(values) > 1 else attr.column == values[0]  # type: ignore[no-any-return]
     return or_(*(_value_clause(attr, attr.column, v, fuzzy=fuzzy, sqlite=sqlite)

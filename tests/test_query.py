@@ -28,7 +28,7 @@ from gateway.query import (
     run,
 )
 
-from samples import ARCHIVE, S1, S2, S3, SE_A, SE_B, SE_C, synthetic_instance
+from samples import ARCHIVE, S1, S2, S3, SE_A, SE_B, SE_C, SE_D, synthetic_instance
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -98,6 +98,10 @@ CASES = [
     ("ModalitiesInStudy: list of values", "STUDY",
      [("ModalitiesInStudy", "CT,MR")], [S1, S2, S3]),
     ("ModalitiesInStudy: wildcard", "STUDY", [("ModalitiesInStudy", "M?")], [S2]),
+    ("ModalitiesInStudy in a series-level query: every series of such a study", "SERIES",
+     [("ModalitiesInStudy", "SR")], [SE_A, SE_B]),
+    ("SOPClassesInStudy in a series-level query", "SERIES",
+     [("SOPClassesInStudy", "1.2.840.10008.5.1.4.1.1.7")], [SE_A, SE_B, SE_C, SE_D]),
     ("keys of higher levels in a lower-level query", "SERIES",
      [("PatientID", "P1"), ("Modality", "CT")], [SE_A]),
     ("series attribute", "SERIES", [("BodyPartExamined", "HEAD")], [SE_C]),
@@ -119,6 +123,18 @@ CASES = [
 def test_matching_rule(services: Services, clause: str, level: str,
                        pairs: list[tuple[str, str]], expected: list[str]) -> None:
     assert find(services, level, *pairs) == sorted(expected), clause
+
+
+def test_study_list_keys_match_in_an_instance_level_query(services: Services) -> None:
+    """ModalitiesInStudy and SOPClassesInStudy are study attributes: in an instance-level
+    query they select every instance of the studies they match (a series- or instance-level
+    query used to fail with a SQL error, as a 500 on QIDO-RS)."""
+    of_s2 = find(services, "IMAGE", ("StudyInstanceUID", S2))
+    assert of_s2
+    assert find(services, "IMAGE", ("StudyInstanceUID", S2), ("ModalitiesInStudy", "MR")) == of_s2
+    assert find(services, "IMAGE", ("StudyInstanceUID", S2), ("ModalitiesInStudy", "CT")) == []
+    assert find(services, "IMAGE", ("StudyInstanceUID", S2),
+                ("SOPClassesInStudy", "1.2.840.10008.5.1.4.1.1.7")) == of_s2
 
 
 FUZZY = [
