@@ -84,6 +84,10 @@ class _BadRequest(Exception):
     pass
 
 
+#: The largest ``limit`` or ``offset`` taken (the database's integers end not far above).
+_LARGEST_PAGE_NUMBER = 2**31 - 1
+
+
 def _integer(name: str, default: int | None) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
@@ -92,8 +96,9 @@ def _integer(name: str, default: int | None) -> int | None:
         value = int(raw)
     except ValueError:
         raise _BadRequest(f"{name} must be a non-negative integer, not {raw!r}") from None
-    if value < 0:
-        raise _BadRequest(f"{name} must be a non-negative integer, not {raw!r}")
+    if not 0 <= value <= _LARGEST_PAGE_NUMBER:
+        raise _BadRequest(f"{name} must be an integer from 0 to {_LARGEST_PAGE_NUMBER}, "
+                          f"not {raw!r}")
     return value
 
 

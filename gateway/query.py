@@ -143,6 +143,10 @@ _LIST_MATCHED = {"ModalitiesInStudy": _ANY_SERIES.c.Modality,
 #: Keys of the query itself, or answered by the entry point: never matched, never unsupported.
 _RETURN_ONLY = {"SpecificCharacterSet", "QueryRetrieveLevel", "RetrieveURL", "RetrieveAETitle"}
 _NUMERIC_VRS = {"IS", "US", "UL", "SL", "SS", "DS", "FL", "FD"}
+#: The values an integer VR can hold (PS3.5 Table 6.2-1): a matching value outside them
+#: matches nothing, and is a malformed query rather than a number for the database to refuse.
+_INTEGER_RANGES = {"IS": (-2**31, 2**31 - 1), "SL": (-2**31, 2**31 - 1),
+                   "SS": (-2**15, 2**15 - 1), "US": (0, 2**16 - 1), "UL": (0, 2**32 - 1)}
 #: Keys the index looks up through an index of their own, a handful of rows for an exact value
 #: (unique UIDs, the patient key, the accession number): see :func:`_scoped`.
 _IDENTIFYING = frozenset({"PatientID", "StudyInstanceUID", "AccessionNumber",
@@ -366,6 +370,10 @@ def _value_clause(attr: Attribute, column: Any, value: str, *, fuzzy: bool,
             number = int(value) if vr not in {"DS", "FL", "FD"} else float(value)
         except ValueError:
             raise QueryError(f"{keyword}: {value!r} is not a number", keyword=keyword) from None
+        bounds = _INTEGER_RANGES.get(vr)
+        if bounds is not None and not bounds[0] <= number <= bounds[1]:
+            raise QueryError(f"{keyword}: {value!r} is outside the range of {vr} "
+                             f"({bounds[0]} to {bounds[1]})", keyword=keyword)
         return column == number  # type: ignore[no-any-return]
     if vr == "PN":
         folded = func.lower(column)

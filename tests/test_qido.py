@@ -152,6 +152,8 @@ def test_no_match_is_an_empty_list(archive: GatewayProcess) -> None:
     ("/studies", {"Modality": "CT"}, "series-level"),
     ("/studies", {"PatientComments": "x"}, "not supported"),
     ("/studies", {"limit": "-1"}, "limit"),
+    ("/studies", {"offset": "99999999999999999999"}, "offset must be an integer from 0 to"),
+    ("/series", {"SeriesNumber": "99999999999999999999"}, "outside the range of IS"),
     ("/studies/1.2.x/series", {}, "not a valid UID"),
     ("/studies", {"StudyInstanceUID": "1.2,3..4"}, "not a valid UID"),
 ])

@@ -159,6 +159,7 @@ ERRORS = [
     ("STUDY", [("Foo", "x")], "not a DICOM attribute"),
     ("STUDY", [("PatientComments", "x")], "not supported"),
     ("SERIES", [("SeriesNumber", "two")], "not a number"),
+    ("SERIES", [("SeriesNumber", "2147483648")], "outside the range of IS"),
     ("STUDY", [("StudyDate", "-")], "at least one bound"),
     ("STUDY", [("NumberOfPatientRelatedStudies", "3")], "returned but not matched"),
 ]
