@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import GatewayProcess, free_port
 from samples import S1, S2, S3, SE_A, SE_B, SE_C, SE_D, write_archive
@@ -201,3 +203,35 @@ def test_xml_answers_follow_the_native_dicom_model(archive: GatewayProcess) -> N
     assert family is not None and family.text == "DOE"
     modalities = root.findall("d:DicomAttribute[@keyword='ModalitiesInStudy']/d:Value", ns)
     assert [m.text for m in modalities] == ["CT", "SR"]
+
+
+#: Keys and values a client may send, well formed or not, for the property below.
+_ANY_KEY = st.sampled_from([
+    "PatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime",
+    "ModalitiesInStudy", "SOPClassesInStudy", "Modality", "AccessionNumber",
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SeriesNumber",
+    "InstanceNumber", "NumberOfStudyRelatedInstances", "StudyDescription", "00100020",
+    "0020000D", "RequestAttributesSequence.ScheduledProcedureStepID", "includefield",
+    "limit", "offset", "fuzzymatching", "NoSuchKeyword", "a.b.c"])
+_ANY_VALUE = st.one_of(
+    st.sampled_from(["", "*", "?", "\\", "20240101-", "-", "2024-01-01", "20240230",
+                     "235960", "1.2.3", "1.2..3", "CT,MR", "Doe^John", "99999999999999999999",
+                     "-1", "0", "all", "true", "1e309", "nan", "%", "_", "'", "\"", "[", "é"]),
+    st.text(max_size=12))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(level=st.sampled_from(["/studies", "/series", "/instances", f"/studies/{S1}/series",
+                              f"/studies/{S1}/instances",
+                              f"/studies/{S1}/series/{SE_A}/instances"]),
+       params=st.lists(st.tuples(_ANY_KEY, _ANY_VALUE), max_size=4))
+def test_no_query_is_a_server_error(archive: GatewayProcess, level: str,
+                                    params: list[tuple[str, str]]) -> None:
+    """Whatever a client puts in a query (PS3.18 §8.3.4), the answer is 200, 204 or a 4xx
+    whose body says why: never a 5xx (a QIDO-RS parameter fuzzer found three kinds of 500:
+    a study list key below the study level, and integers beyond what the database holds)."""
+    response = requests.get(f"{archive.dicomweb}{level}", params=params, timeout=10)
+    assert response.status_code < 500, (params, response.text[:300])
+    if response.status_code >= 400:
+        assert response.json()["error"]
