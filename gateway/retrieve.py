@@ -456,10 +456,32 @@ def pixel_info(storage: FileStorage, item: Located) -> PixelInfo | None:
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         extended = (bytes(ds.ExtendedOffsetTable), bytes(ds.ExtendedOffsetTableLengths))
     return PixelInfo(
-        transfer_syntax=item.transfer_syntax_uid, frames=int(ds.get("NumberOfFrames") or 1),
-        rows=int(ds.Rows), columns=int(ds.Columns), samples=int(ds.get("SamplesPerPixel", 1)),
-        bits_allocated=int(ds.BitsAllocated), value_offset=offset, encapsulated=encapsulated,
-        extended_offsets=extended)
+        transfer_syntax=item.transfer_syntax_uid,
+        frames=_layout(ds, "NumberOfFrames", 1), rows=_layout(ds, "Rows"),
+        columns=_layout(ds, "Columns"), samples=_layout(ds, "SamplesPerPixel", 1),
+        bits_allocated=_layout(ds, "BitsAllocated"), value_offset=offset,
+        encapsulated=encapsulated, extended_offsets=extended)
+
+
+class MalformedPixelDescription(ValueError):
+    """A stored instance whose pixel data cannot be described: an attribute that gives its
+    layout (Rows, Number of Frames…) is missing or not a positive integer. The store path keeps
+    objects byte for byte and does not check them; retrieving their frames must refuse."""
+
+
+def _layout(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """A pixel layout attribute as a positive integer, or :class:`MalformedPixelDescription`."""
+    value: object = None
+    try:
+        value = ds.get(keyword)
+        number = default if value in (None, "") else int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 1:
+        raise MalformedPixelDescription(
+            f"the stored instance's {keyword} ({value!r}) is not a positive integer: its "
+            "pixel data cannot be split into frames")
+    return number
 
 
 def _check_frames(info: PixelInfo, numbers: Sequence[int]) -> None:
@@ -640,11 +662,10 @@ def _json_dataset(ds: Dataset, prefix: str, bulk_uri: Callable[[str], str]) -> d
             result[key] = {"vr": vr} if empty else {"vr": vr, "BulkDataURI": bulk_uri(path)}
             continue
         try:
-            elem = ds[tag]
-        except Exception as exc:  # a value pydicom cannot parse: leave it out, say so
+            result[key] = _json_element(ds[tag], path, bulk_uri)
+        except Exception as exc:  # a value pydicom cannot parse or put in JSON (a DS that is
+            # no number, say): leave it out, say so; the rest of the answer is whole
             log.warning("metadata: element %s left out: %s", key, exc)
-            continue
-        result[key] = _json_element(elem, path, bulk_uri)
     return result
 
 

@@ -591,8 +591,8 @@ def _instance_pixels(study_uid: str, series_uid: str,
     item = located[0]
     try:
         info = retrieve.pixel_info(_services().storage, item)
-    except InstanceMissing as exc:
-        log.error("WADO-RS: %s", exc)
+    except (InstanceMissing, retrieve.MalformedPixelDescription) as exc:
+        log.error("WADO-RS: SOP Instance %s: %s", sop_uid, exc)
         return problem(500, str(exc))
     if info is None:
         return problem(404, f"SOP Instance {sop_uid} has no pixel data")

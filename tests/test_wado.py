@@ -332,6 +332,38 @@ def test_what_is_not_stored_is_404(gw: GatewayProcess, samples: dict[str, Datase
         error_of(requests.get(url, timeout=30), 404)
 
 
+def test_an_instance_stored_with_malformed_values_is_served_as_far_as_it_can_be(
+        gw: GatewayProcess) -> None:
+    """The store path keeps objects byte for byte and reads only what it indexes, so an object
+    can be stored with a malformed value elsewhere: here Pixel Spacing, a DS that is no number,
+    and Number of Frames "1A". Its metadata leaves the unreadable element out (and logs it),
+    whole otherwise; its frames, which cannot be found without a frame count, are a 500 that
+    says why. Until both were handled, the metadata answer broke off mid-stream (a 200 with
+    a cut body) and the frames were a 500 with no reason (found by storing garbled objects
+    and retrieving them every way)."""
+    ds = synthetic(np.zeros((8, 8), dtype=np.uint16), study=generate_uid(),
+                   series=generate_uid())
+    ds.PixelSpacing = [1.5, 1.5]
+    ds.NumberOfFrames = 1
+    data = to_bytes(ds)
+    spacing = b"\x28\x00\x30\x00DS\x08\x001.5\\1.5 "
+    frames = b"\x28\x00\x08\x00IS\x02\x001 "
+    assert spacing in data and frames in data
+    data = data.replace(spacing, spacing[:8] + b"1.\x025\\1.5")
+    data = data.replace(frames, frames[:8] + b"1A")
+    stow(gw, data)
+    url = instance_url(gw, ds)
+    metadata = requests.get(f"{url}/metadata", timeout=10)
+    assert metadata.status_code == 200
+    [attributes] = metadata.json()
+    assert "00280030" not in attributes
+    assert attributes["00100020"]["Value"] == ["WADO-TEST"]
+    assert "element 00280030 left out" in gw.log
+    error = error_of(requests.get(f"{url}/frames/1", timeout=10, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}), 500)
+    assert "NumberOfFrames ('1A') is not a positive integer" in error["error"]
+
+
 @pytest.mark.parametrize("path", [
     "studies/1.02.3", "studies/abc/metadata", "studies/1.2/series/1..3",
     "studies/1.2/series/1.3/instances/" + "1" * 65,
