@@ -471,10 +471,14 @@ class MalformedPixelDescription(ValueError):
 
 def _layout(ds: Dataset, keyword: str, default: int | None = None) -> int:
     """A pixel layout attribute as a positive integer, or :class:`MalformedPixelDescription`."""
-    value: object = None
     try:
         value = ds.get(keyword)
-        number = default if value in (None, "") else int(value)  # type: ignore[call-overload]
+    except Exception as exc:  # pydicom raises a wide range on a garbled element
+        raise MalformedPixelDescription(
+            f"the stored instance's {keyword} cannot be read ({exc}): its pixel data cannot "
+            "be split into frames") from exc
+    try:
+        number = default if value in (None, "") else int(value)
     except (TypeError, ValueError):
         number = None
     if number is None or number < 1:

@@ -362,6 +362,9 @@ def test_an_instance_stored_with_malformed_values_is_served_as_far_as_it_can_be(
     error = error_of(requests.get(f"{url}/frames/1", timeout=10, headers={
         "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}), 500)
     assert "NumberOfFrames ('1A') is not a positive integer" in error["error"]
+    bulk = requests.get(f"{url}/bulkdata/7FE00010", timeout=10, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
+    assert "NumberOfFrames ('1A') is not a positive integer" in error_of(bulk, 500)["error"]
 
 
 @pytest.mark.parametrize("path", [
