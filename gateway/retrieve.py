@@ -30,6 +30,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -305,7 +306,8 @@ def transcode(ds: Dataset, target: str) -> None:
     if not can_transcode(source, target, has_pixels=has_pixels):
         raise TranscodeError(f"cannot convert SOP Instance {ds.get('SOPInstanceUID')} from "
                              f"{_name(source)} to {_name(target)}")
-    try:
+    with _codec(f"converting SOP Instance {ds.get('SOPInstanceUID')} from {_name(source)} "
+                f"to {_name(target)}"):
         if source == EXPLICIT_VR_BIG_ENDIAN:
             _swap_to_little_endian(ds)
         if "PixelData" in ds and source not in NATIVE_SYNTAXES:
@@ -313,9 +315,22 @@ def transcode(ds: Dataset, target: str) -> None:
         if target in ENCODABLE_SYNTAXES:
             ds.compress(target, generate_instance_uid=False)
         ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(target)
+
+
+@contextmanager
+def _codec(what: str) -> Iterator[None]:
+    """Work of the pixel codecs: any failure inside is a :class:`TranscodeError` saying
+    ``what`` failed. That includes a codec written in Rust panicking on corrupt data
+    (pylibjpeg-rle, through pyo3): its PanicException is a BaseException, which an ``except
+    Exception`` lets through, up to the request's thread."""
+    try:
+        yield
     except Exception as exc:
-        raise TranscodeError(f"converting SOP Instance {ds.get('SOPInstanceUID')} from "
-                             f"{_name(source)} to {_name(target)} failed: {exc}") from exc
+        raise TranscodeError(f"{what} failed: {exc}") from exc
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise TranscodeError(f"{what} failed: the decoder crashed ({exc})") from exc
 
 
 def _name(uid: str) -> str:
@@ -544,11 +559,8 @@ def native_frames(storage: FileStorage, item: Located, info: PixelInfo,
         return
     source = _pixel_source(storage, item)
     for number in numbers:
-        try:
+        with _codec(f"decoding frame {number} of SOP Instance {item.sop_uid}"):
             arr = pixel_array(source, index=number - 1)
-        except Exception as exc:
-            raise TranscodeError(f"decoding frame {number} of SOP Instance {item.sop_uid} "
-                                 f"failed: {exc}") from exc
         yield _little_endian_bytes(arr, info.bits_allocated)
 
 
@@ -590,11 +602,8 @@ def _little_endian_bytes(arr: np.ndarray[Any, Any], bits_allocated: int) -> byte
 def frame_array(storage: FileStorage, item: Located, number: int) -> np.ndarray[Any, Any]:
     """Frame ``number`` (from 1) decoded to an array (colour as RGB), for rendering."""
     source = _pixel_source(storage, item)
-    try:
+    with _codec(f"decoding frame {number} of SOP Instance {item.sop_uid}"):
         return pixel_array(source, index=number - 1)
-    except Exception as exc:
-        raise TranscodeError(f"decoding frame {number} of SOP Instance {item.sop_uid} "
-                             f"failed: {exc}") from exc
 
 
 # -- bulk data and metadata -----------------------------------------------------------------------

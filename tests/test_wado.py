@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -365,6 +366,35 @@ def test_an_instance_stored_with_malformed_values_is_served_as_far_as_it_can_be(
     bulk = requests.get(f"{url}/bulkdata/7FE00010", timeout=10, headers={
         "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
     assert "NumberOfFrames ('1A') is not a positive integer" in error_of(bulk, 500)["error"]
+
+
+def test_pixel_data_that_crashes_its_decoder_is_refused_with_the_reason(
+        gw: GatewayProcess) -> None:
+    """RLE Lossless (PS3.5 Annex G) whose first segment decodes to more bytes than a segment
+    holds: pylibjpeg-rle, written in Rust, panics on it, and pyo3 raises that panic as a
+    BaseException, which every ``except Exception`` let through (found by storing garbled
+    objects and rendering them). Rendering and native frames refuse it (406, the only
+    representations left are the stored ones) and say that the decoder crashed."""
+    from pydicom.encaps import encapsulate
+
+    ds = synthetic(np.zeros((10, 10), dtype=np.uint16), study=generate_uid(),
+                   series=generate_uid())
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    full, overlong = bytes([0xF7, 0]) * 10, bytes([0xF7, 0]) * 11  # 100 and 110 bytes
+    segments = [overlong, full, full, full]
+    offsets = [64 + sum(len(s) for s in segments[:n]) for n in range(4)]
+    frame = struct.pack("<16L", 4, *offsets, *[0] * 11) + b"".join(segments)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.5"  # RLE Lossless
+    stow(gw, to_bytes(ds))
+    url = instance_url(gw, ds)
+    rendered = error_of(requests.get(f"{url}/rendered", timeout=10,
+                                     headers={"Accept": "image/png"}), 406)
+    assert "the decoder crashed" in rendered["error"]
+    native = error_of(requests.get(f"{url}/frames/1", timeout=10, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'}), 406)
+    assert "the decoder crashed" in native["error"]
 
 
 @pytest.mark.parametrize("path", [
