@@ -95,7 +95,7 @@ def _integer(name: str, default: int | None) -> int | None:
     try:
         value = int(raw)
     except ValueError:
-        raise _BadRequest(f"{name} must be a non-negative integer, not {raw!r}") from None
+        value = -1
     if not 0 <= value <= _LARGEST_PAGE_NUMBER:
         raise _BadRequest(f"{name} must be an integer from 0 to {_LARGEST_PAGE_NUMBER}, "
                           f"not {raw!r}")

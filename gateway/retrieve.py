@@ -478,18 +478,19 @@ def pixel_info(storage: FileStorage, item: Located) -> PixelInfo | None:
         encapsulated=encapsulated, extended_offsets=extended)
 
 
-class MalformedPixelDescription(ValueError):
-    """A stored instance whose pixel data cannot be described: an attribute that gives its
-    layout (Rows, Number of Frames…) is missing or not a positive integer. The store path keeps
+class MalformedPixelData(ValueError):
+    """A stored instance whose pixel data cannot be served as frames: an attribute that gives
+    its layout (Rows, Number of Frames…) is missing or not a positive integer, or its
+    encapsulation cannot be split (a fragment length past its end). The store path keeps
     objects byte for byte and does not check them; retrieving their frames must refuse."""
 
 
 def _layout(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    """A pixel layout attribute as a positive integer, or :class:`MalformedPixelDescription`."""
+    """A pixel layout attribute as a positive integer, or :class:`MalformedPixelData`."""
     try:
         value = ds.get(keyword)
     except Exception as exc:  # pydicom raises a wide range on a garbled element
-        raise MalformedPixelDescription(
+        raise MalformedPixelData(
             f"the stored instance's {keyword} cannot be read ({exc}): its pixel data cannot "
             "be split into frames") from exc
     try:
@@ -497,7 +498,7 @@ def _layout(ds: Dataset, keyword: str, default: int | None = None) -> int:
     except (TypeError, ValueError):
         number = None
     if number is None or number < 1:
-        raise MalformedPixelDescription(
+        raise MalformedPixelData(
             f"the stored instance's {keyword} ({value!r}) is not a positive integer: its "
             "pixel data cannot be split into frames")
     return number
@@ -524,14 +525,22 @@ def compressed_frames(storage: FileStorage, item: Located, info: PixelInfo,
     if info.value_offset is None:  # not seekable: parse the value (always in memory)
         data = read_dataset(storage, item).PixelData
         for number in numbers:
-            yield get_frame(data, number - 1, number_of_frames=info.frames,
-                            extended_offsets=info.extended_offsets)
+            yield _stored_frame(data, number, info)
         return
     with open(path, "rb") as handle:
         for number in numbers:
             handle.seek(info.value_offset)
-            yield get_frame(handle, number - 1, number_of_frames=info.frames,
-                            extended_offsets=info.extended_offsets)
+            yield _stored_frame(handle, number, info)
+
+
+def _stored_frame(source: bytes | IO[bytes], number: int, info: PixelInfo) -> bytes:
+    """Frame ``number`` of encapsulated pixel data, or :class:`MalformedPixelData`."""
+    try:
+        return get_frame(source, number - 1, number_of_frames=info.frames,
+                         extended_offsets=info.extended_offsets)
+    except Exception as exc:  # pydicom raises a wide range on a malformed encapsulation
+        raise MalformedPixelData(f"frame {number} cannot be split from the stored pixel data: "
+                                 f"{exc}") from exc
 
 
 def native_frames(storage: FileStorage, item: Located, info: PixelInfo,

@@ -569,13 +569,9 @@ def _pixel_response(item: Located, info: retrieve.PixelInfo, numbers: list[int],
         log.warning("WADO-RS frames: %s", exc)
         return not_acceptable(str(exc), [o for o in _pixel_offers(info)
                                          if OCTET_STREAM not in o])
-    except InstanceMissing as exc:
-        log.error("WADO-RS: %s", exc)
+    except (InstanceMissing, retrieve.MalformedPixelData) as exc:
+        log.error("WADO-RS: SOP Instance %s: %s", item.sop_uid, exc)
         return problem(500, str(exc))
-    except Exception as exc:  # the stored pixel data is malformed (a fragment length past
-        # its end, say): pydicom raises a wide range of errors on it, all meaning the same
-        log.error("WADO-RS: SOP Instance %s: pixel data cannot be read: %s", item.sop_uid, exc)
-        return problem(500, f"the stored instance's pixel data cannot be read: {exc}")
     if whole and representation == "native":  # one part: the frames one after the other
         return _multipart_response(media, _Part(content_type, f"{base}/bulkdata/7FE00010",
                                                 lambda: itertools.chain([first], chunks)),
@@ -598,7 +594,7 @@ def _instance_pixels(study_uid: str, series_uid: str,
     item = located[0]
     try:
         info = retrieve.pixel_info(_services().storage, item)
-    except (InstanceMissing, retrieve.MalformedPixelDescription) as exc:
+    except (InstanceMissing, retrieve.MalformedPixelData) as exc:
         log.error("WADO-RS: SOP Instance %s: %s", sop_uid, exc)
         return problem(500, str(exc))
     if info is None:
