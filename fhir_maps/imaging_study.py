@@ -47,6 +47,7 @@ from fhir_maps.body_parts import series_body_site
 from fhir_maps.dicom_values import clean_text, fhir_datetime
 from fhir_maps.errors import MappingError
 from fhir_maps.facts import (
+    CodedConcept,
     ImagingStudyStatus,
     InstanceFacts,
     MappingOptions,
@@ -170,6 +171,11 @@ def _instance(instance: InstanceFacts) -> Json:
     if title:
         entry["title"] = title
     return entry
+
+
+def _codeables(concepts: Sequence[CodedConcept], options: MappingOptions) -> list[Json]:
+    found = (concept_codeable(c, options.coding_systems) for c in concepts)
+    return [c for c in found if c is not None]
 
 
 def _performers(series: SeriesFacts) -> list[Json]:
@@ -305,13 +311,13 @@ def build_imaging_study(study: StudyFacts, options: MappingOptions, *,
         else study.number_of_series
     resource["numberOfInstances"] = sum(s["numberOfInstances"] for s in mapped) \
         if study.number_of_instances is None else study.number_of_instances
-    procedures = [concept_codeable(c, options.coding_systems) for c in study.procedure_codes]
+    procedures = _codeables(study.procedure_codes, options)
     if procedures:
         if version == "R4":
             resource["procedureCode"] = procedures
         else:
             resource["procedure"] = [{"concept": p} for p in procedures]
-    reasons = [concept_codeable(c, options.coding_systems) for c in study.reason_codes]
+    reasons = _codeables(study.reason_codes, options)
     if reasons:
         if version == "R4":
             resource["reasonCode"] = reasons

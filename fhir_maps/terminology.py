@@ -138,6 +138,14 @@ def codeable(coding: Mapping[str, Any], text: str | None = None) -> dict[str, An
     return concept
 
 
+def fhir_code(value: object) -> str | None:
+    r"""A FHIR ``code`` from a DICOM value, or None when nothing is left: :func:`clean_text`,
+    and white space inside collapsed to single spaces (the ``code`` pattern
+    ``[^\s]+( [^\s]+)*`` admits no other)."""
+    text = clean_text(value)
+    return " ".join(text.split()) if text else None
+
+
 def concept_coding(concept: CodedConcept,
                    extra_schemes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A FHIR Coding for a DICOM coded entry.
@@ -145,25 +153,34 @@ def concept_coding(concept: CodedConcept,
     The Coding Scheme Designator becomes ``system`` via ``extra_schemes`` (site
     configuration, wins) or :data:`CODING_SCHEMES`. A scheme with no known URI (a local
     ``99…`` scheme) gives a Coding without ``system``: the code and meaning are kept, and
-    the site can configure the URI.
+    the site can configure the URI. A code value with nothing FHIR can carry as a ``code``
+    gives a Coding with the meaning only (empty when there is none either).
     """
     coding: dict[str, Any] = {}
+    code = fhir_code(concept.code_value)
+    meaning = clean_text(concept.code_meaning)
     system = (extra_schemes or {}).get(concept.coding_scheme) \
         or CODING_SCHEMES.get(concept.coding_scheme)
-    if system:
-        coding["system"] = system
-    if concept.scheme_version and system and concept.coding_scheme != "SCT":
-        coding["version"] = concept.scheme_version
-    coding["code"] = concept.code_value
-    if concept.code_meaning:
-        coding["display"] = concept.code_meaning
+    if code is not None:
+        version = clean_text(concept.scheme_version)
+        if system:
+            coding["system"] = system
+        if version and system and concept.coding_scheme != "SCT":
+            coding["version"] = version
+        coding["code"] = code
+    if meaning:
+        coding["display"] = meaning
     return coding
 
 
 def concept_codeable(concept: CodedConcept,
-                     extra_schemes: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A FHIR CodeableConcept for a DICOM coded entry (``text`` = Code Meaning)."""
-    return codeable(concept_coding(concept, extra_schemes), concept.code_meaning)
+                     extra_schemes: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """A FHIR CodeableConcept for a DICOM coded entry (``text`` = Code Meaning); None when
+    the entry has neither a usable code nor a meaning."""
+    coding = concept_coding(concept, extra_schemes)
+    if not coding:
+        return None
+    return codeable(coding, coding.get("display"))
 
 
 def laterality_coding(value: str | None, version: FhirVersion) -> dict[str, Any] | None:

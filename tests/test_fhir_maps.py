@@ -502,6 +502,24 @@ def test_coded_concepts_read_every_code_value_form_and_skip_the_rest() -> None:
         "Yamada^Tarou=山田^太郎", "Doe^J")
 
 
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_code_value_with_white_space_inside_becomes_a_valid_fhir_code(
+        version: FhirVersion) -> None:
+    """A FHIR ``code`` has no white space but single spaces between its characters (R4
+    datatypes, code); a DICOM Code Value may carry runs of spaces or a tab inside (SH/LO keep
+    them). The code keeps its characters with the white space collapsed, so the FHIR server
+    does not refuse the whole ImagingStudy for one procedure code."""
+    element = {"vr": "SQ", "Value": [code_json("CT  CHEST\tABD", "99HOSPA", "CT chest")]}
+    study = StudyFacts("1.2.3", PatientFacts("P1"), procedure_codes=coded_concepts(element))
+    options = MappingOptions(version, patient_systems=IdentifierSystems(default=MRN))
+    resource = build_imaging_study(study, options)
+    to_model(resource, version)
+    procedure = resource["procedureCode"][0] if version == "R4" \
+        else resource["procedure"][0]["concept"]
+    assert procedure["coding"][0]["code"] == "CT CHEST ABD"
+
+
 # --- the identity function ------------------------------------------------------------------
 
 def test_identity_rules() -> None:
@@ -628,3 +646,55 @@ def test_fhir_datetime_is_valid_and_never_has_a_time_without_an_offset(
     assert DATE_TIME.fullmatch(value), value
     if offset is None and zone is None:
         assert "T" not in value
+
+
+# --- whole resources from any values the index can hold --------------------------------------
+
+#: What a modality may put in a text attribute: anything, control characters, backslashes
+#: (multi-values), PN separators, only spaces, very long values.
+dicom_text = st.none() | st.text(max_size=30) | st.sampled_from(
+    ["", " ", "\x00", "CT", "ct", "OT\\CT", "  HEAD ", "R", "l", "Z", "DOE^JOHN", "=^^", "\t"]) \
+    | st.text(st.characters(codec="utf-8"), min_size=60, max_size=200)
+valid_uids = st.lists(st.integers(0, 10**12), min_size=2, max_size=8).map(
+    lambda parts: ".".join(str(p) for p in parts)).filter(lambda uid: len(uid) <= 64)
+numbers = st.none() | st.integers(-2**31, 2**31 - 1)
+concepts = st.builds(CodedConcept, st.text(max_size=20), st.text(max_size=12), dicom_text,
+                     dicom_text)
+names_list = st.lists(st.text(max_size=30), max_size=3).map(tuple)
+any_instances = st.lists(st.builds(InstanceFacts, valid_uids, valid_uids, numbers, dicom_text),
+                         max_size=3).map(tuple)
+any_series = st.lists(st.builds(
+    SeriesFacts, valid_uids, dicom_text, numbers, dicom_text, dicom_text,
+    st.lists(concepts, max_size=2).map(tuple), dicom_text, dicom_text, dicom_text, names_list,
+    names_list, st.none() | st.integers(0, 10**6), any_instances), max_size=3).map(tuple)
+any_patient = st.builds(PatientFacts, st.text(max_size=30), st.text(max_size=10), dicom_text,
+                        dicom_text, dicom_text)
+any_study = st.builds(
+    StudyFacts, valid_uids, any_patient, dicom_text, dicom_text, dicom_text, dicom_text,
+    dicom_text, dicom_text, dicom_text, dicom_text, names_list,
+    st.lists(st.text(max_size=6), max_size=3).map(tuple), st.none() | st.integers(0, 10**6),
+    st.none() | st.integers(0, 10**6), st.lists(concepts, max_size=2).map(tuple),
+    st.lists(concepts, max_size=2).map(tuple), any_series)
+any_options = st.builds(
+    MappingOptions, st.sampled_from(VERSIONS), st.just("https://pacs.example/dicom-web"),
+    st.just(IdentifierSystems(default="urn:oid:1.2.3.4")),
+    st.just(IdentifierSystems(default="urn:oid:1.2.3.5")), zones)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(any_study, any_options, st.booleans())
+def test_any_study_the_index_can_hold_maps_to_a_valid_resource(
+        study: StudyFacts, options: MappingOptions, include_instances: bool) -> None:
+    """Modalities send what they send: whatever text, codes, numbers and names a study's
+    index rows hold (valid UIDs only: the write path refuses others), the ImagingStudy and
+    Patient built from them are valid FHIR, or the mapping refuses with its documented error
+    (a patient identity it cannot map), never a resource the FHIR server would reject."""
+    try:
+        resource = build_imaging_study(study, options, include_instances=include_instances,
+                                       endpoint={"reference": "Endpoint/1"})
+        patient = build_patient(study.patient, options)
+    except UnmappedPatientIdentity:
+        return
+    to_model(resource, options.fhir_version)
+    to_model(patient, options.fhir_version)
+    assert json.loads(json.dumps(resource)) == resource  # plain JSON all the way down
