@@ -5,8 +5,11 @@ Translation only.
 "CT", "StudyDate": "20240101-"}}`` answers 201 with the cohort: its id, member counts (patients,
 studies, series, instances), the DICOMweb base URL scoped to it and the AE title scoped to it.
 ``GET /api/cohorts/{id}/export?format=json|csv``: per study its UIDs, DICOMweb URL and FHIR
-ImagingStudy and Patient references. Errors are JSON with the reason and, when the FHIR server
-refused the search, its OperationOutcome.
+ImagingStudy and Patient references. In the CSV a text that a spreadsheet would run as a
+formula (it starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return: a Study
+Description comes from whatever the modality sent) starts with an apostrophe, so it shows as
+text (OWASP, CSV injection); the JSON has every value as stored. Errors are JSON with the
+reason and, when the FHIR server refused the search, its OperationOutcome.
 
 Every answer carries ``Server-Timing`` (:mod:`gateway.timing`): ``fhir`` (time waiting for
 the FHIR server, and how many requests), ``index`` (index work) and ``total`` (the request
@@ -111,10 +114,21 @@ def export(cohort_id: int) -> Response:
             "StudyInstanceUID", "StudyDate", "ModalitiesInStudy", "StudyDescription",
             "PatientID", "IssuerOfPatientID", "dicomweb", "Patient", "ImagingStudy"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: _as_text(value) for key, value in row.items()} for row in rows)
         return Response(out.getvalue(), content_type="text/csv; charset=utf-8", headers={
             "Content-Disposition": f'attachment; filename="cohort-{cohort_id}.csv"'})
     return Response(json.dumps(rows, ensure_ascii=False), content_type="application/json")
+
+
+#: What a spreadsheet takes for the start of a formula in a cell it opens.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _as_text(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text rather than running it."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 bp.register_error_handler(CohortError, error_response)

@@ -29,6 +29,9 @@ from conftest import GatewayProcess, dcmtk_env, free_port, require_dcmtk
 from fhir_servers import BROAD_SCOPE, ClientKeys, Sekmet, sekmet_client
 
 OSTEOSARCOMA = "http://snomed.info/sct|307576001"
+#: What a modality might send as Study Description: a spreadsheet formula.
+DESCRIPTION = '=HYPERLINK("http://attacker.example","CT chest")'
+
 RUN = uuid.uuid4().hex[:6]  # sekmet is shared by the session: this module's own patients
 
 #: (name, birth date, conditions as (SNOMED code, clinical status))
@@ -98,7 +101,7 @@ def world(sekmet: Sekmet, client_keys: ClientKeys, tmp_path_factory: pytest.Temp
                 study_uid = uid()
                 keys[study_uid] = f"{mrn}|{modality}|{date}"
                 send(gateway, root / f"s{number}", 1, PatientID=mrn, StudyInstanceUID=study_uid,
-                     Modality=modality, StudyDate=date)
+                     Modality=modality, StudyDate=date, StudyDescription=DESCRIPTION)
             for study_uid in keys:
                 wait_for(lambda s=study_uid: imaging_studies(fhir, s), what="publication")
         yield {"gateway": gateway, "keys": keys, "moved": root / "moved"}
@@ -237,6 +240,10 @@ def test_get_list_export_and_delete(world: dict[str, Any]) -> None:
     table = list(csv.DictReader(io.StringIO(requests.get(
         f"{url}/export", params={"format": "csv"}, timeout=30).text)))
     assert [r["StudyInstanceUID"] for r in table] == [r["StudyInstanceUID"] for r in rows]
+    # A spreadsheet opening the CSV shows the description as text instead of running it; the
+    # JSON keeps it as stored.
+    assert {r["StudyDescription"] for r in rows} == {DESCRIPTION}
+    assert {r["StudyDescription"] for r in table} == {"'" + DESCRIPTION}
     assert requests.delete(url, timeout=30).status_code == 204
     assert requests.get(url, timeout=30).status_code == 404
     assert requests.get(f"{cohort['dicomweb']}/studies", timeout=30).status_code == 404
