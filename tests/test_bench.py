@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import sekmet
+from bench.phases import PHASES
 
 from conftest import ROOT, require_dcmtk
 from fhir_servers import SEKMET_BIN
@@ -137,3 +138,17 @@ def test_only_a_whole_full_run_replaces_the_committed_report() -> None:
     assert report_path(parse_args(["--full", "--measures", "ingest"])) == SCRATCH
     assert report_path(parse_args(["--full", "--targets", "gateway,storescp"])) == SCRATCH
     assert report_path(parse_args(["--quick", "--out", "x.md"])) == Path("x.md")
+
+
+def test_the_phase_profile_times_every_phase_of_a_c_store(tmp_path: Path) -> None:
+    """``python -m bench.phases`` wraps gateway functions by name: each must still exist and
+    run once per stored instance (a renamed one would leave its phase at zero)."""
+    require_dcmtk()
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.phases", "--instances-per-series", "8", "--assocs", "1",
+         "--cache", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| phase")]
+    assert [row[1].strip(" ·") for row in rows] == [phase[2] for phase in PHASES]
+    assert all(float(row[2]) > 0.5 and float(row[3]) > 0 for row in rows), rows
