@@ -48,7 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydicom
 from sqlalchemy.engine import Connection
@@ -201,14 +201,19 @@ class GroupCommit:
 
     def _upsert_each(self, conn: Connection, ready: list[_Pending]) -> None:
         """Several instances in one transaction, each in its own savepoint."""
+        # On SQLite straight to the driver, in the transaction Index.write began there (as
+        # the store path's statements run): through SQLAlchemy each of these three
+        # statements cost ~0.1 ms, more than the instance's share of the commit saves.
+        driver: Any = conn.connection.driver_connection
+        run: Any = driver.execute if self.index.is_sqlite else conn.exec_driver_sql
         for number, pending in enumerate(ready):
             savepoint = f"instance_{number}"
-            conn.exec_driver_sql(f"SAVEPOINT {savepoint}")
+            run(f"SAVEPOINT {savepoint}")
             try:
                 self._upsert(conn, pending)
             except Exception:
-                conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {savepoint}")
-            conn.exec_driver_sql(f"RELEASE SAVEPOINT {savepoint}")
+                run(f"ROLLBACK TO SAVEPOINT {savepoint}")
+            run(f"RELEASE SAVEPOINT {savepoint}")
 
     def _upsert(self, conn: Connection, pending: _Pending) -> None:
         try:

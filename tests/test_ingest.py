@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import event
 
 import gateway.index
+import gateway.ingest
 from gateway.bootstrap import build_services
 from gateway.config import load_settings
 from gateway.errors import OutOfResources
@@ -46,16 +47,24 @@ def test_concurrent_stores_are_all_indexed_and_one_failure_stays_alone(
     files = fresh_copies(tmp_path, 24)
     doomed = pydicom.dcmread(files[5], stop_before_pixels=True).SOPInstanceUID
     upsert = services.index.upsert_instance
+    upsert_each = gateway.ingest.GroupCommit._upsert_each
+    batches: list[int] = []
 
     def failing_upsert(conn: Any, record: Any, **kwargs: Any) -> None:  # failure injection
+        upsert(conn, record, **kwargs)  # its rows are written, then it fails: all must go
         if record.sop_uid == doomed:
             raise RuntimeError("injected index failure")
-        upsert(conn, record, **kwargs)
+
+    def counted(self: Any, conn: Any, ready: list[Any]) -> None:
+        batches.append(len(ready))
+        upsert_each(self, conn, ready)
 
     monkeypatch.setattr(services.index, "upsert_instance", failing_upsert)
+    monkeypatch.setattr(gateway.ingest.GroupCommit, "_upsert_each", counted)
     outcomes = _store_concurrently(services, files)
     failed = [p for p, o in outcomes.items() if isinstance(o, OutOfResources)]
     assert failed == [files[5]]
+    assert batches, "no two stores shared a commit: the savepoints went untested"
     counts = services.index.counts()
     assert counts["instances"] == 23
     study = services.index.study_row(pydicom.dcmread(files[0]).StudyInstanceUID)
