@@ -96,10 +96,11 @@ def collect(folder: Path) -> list[PhaseFigure]:
             into = totals.setdefault(label, [0, 0, 0])
             for i, value in enumerate(values):
                 into[i] += value
-    return [PhaseFigure(label, depth, *(totals.get(label) or [0, 0, 0])[1:2],
-                        cpu_ns=(totals.get(label) or [0, 0, 0])[0],
-                        wall_ns=(totals.get(label) or [0, 0, 0])[2])
-            for _module, _path, label, depth, _what in PHASES]
+    figures = []
+    for _module, _path, label, depth, _what in PHASES:
+        cpu_ns, calls, wall_ns = totals.get(label, [0, 0, 0])
+        figures.append(PhaseFigure(label, depth, calls, cpu_ns, wall_ns))
+    return figures
 
 
 #: The phase run exactly once per instance stored: the figures are per call of it.

@@ -204,8 +204,8 @@ class GroupCommit:
         # On SQLite straight to the driver, in the transaction Index.write began there (as
         # the store path's statements run): through SQLAlchemy the savepoints cost ~20 µs
         # more each, a tenth of what a batch of eight spends per instance on its rows.
-        driver: Any = conn.connection.driver_connection
-        run: Any = driver.execute if self.index.is_sqlite else conn.exec_driver_sql
+        driver: Any = conn.connection.driver_connection if self.index.is_sqlite else None
+        run: Any = driver.execute if driver is not None else conn.exec_driver_sql
         for number, pending in enumerate(ready):
             savepoint = f"instance_{number}"
             run(f"SAVEPOINT {savepoint}")

@@ -39,7 +39,6 @@ def _timed(function: Callable[..., Any], label: str) -> Callable[..., Any]:
                 totals[1] += 1
                 totals[2] += spent_wall
 
-    timed.__wrapped__ = function  # type: ignore[attr-defined]
     return timed
 
 
@@ -50,12 +49,7 @@ def _install() -> None:
         *parents, name = path.split(".")
         for parent in parents:
             owner = getattr(owner, parent)
-        # Static methods stay static: wrap the function, not what the class attribute gives.
-        raw = owner.__dict__.get(name) if isinstance(owner, type) else None
-        if isinstance(raw, staticmethod):
-            setattr(owner, name, staticmethod(_timed(raw.__func__, label)))
-        else:
-            setattr(owner, name, _timed(getattr(owner, name), label))
+        setattr(owner, name, _timed(getattr(owner, name), label))  # functions and methods
 
 
 def _dump() -> None:
