@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from gateway.config import Settings
 from gateway.index import Index
 from gateway.ingest import Ingest
-from gateway.storage import FileStorage
+from gateway.storage import FileStorage, S3Storage
 
 if TYPE_CHECKING:  # imported where used: a receiver process needs only the write path
     from fhir_maps import MappingOptions
@@ -56,12 +56,22 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def open_storage(settings: Settings) -> FileStorage:
+    """The blob store ``[storage]`` names: files under its path, or an S3 bucket."""
+    given = settings.storage
+    if given["backend"] == "s3":
+        return S3Storage(settings.storage_path, bucket=given["s3_bucket"],
+                         prefix=given["s3_prefix"], endpoint_url=given["s3_endpoint_url"],
+                         region=given["s3_region"], cache_max_bytes=given["cache_max_bytes"])
+    return FileStorage(settings.storage_path, fsync=given["fsync"],
+                       fsync_directories=given["fsync_directories"],
+                       cache_new_blobs=given["cache_new_blobs"])
+
+
 def build_write_path(settings: Settings, *,
                      create_schema: bool = True) -> tuple[FileStorage, Index, Ingest]:
     """Open storage and index (creating them if new) and wire the write path over them."""
-    storage = FileStorage(settings.storage_path, fsync=settings.storage["fsync"],
-                          fsync_directories=settings.storage["fsync_directories"],
-                          cache_new_blobs=settings.storage["cache_new_blobs"])
+    storage = open_storage(settings)
     index = Index(settings.index_url, quiet_seconds=settings.publish["quiet_seconds"])
     if create_schema:
         index.create_schema()

@@ -331,6 +331,32 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "system makes the blob's name durable with it (ext4, XFS on Linux); `always`: "
             "fsync the directory too, on any file system.",
         ),
+        "backend": Key(
+            _choice("files", "s3"), "files",
+            "Where blobs are kept: `files` (under `path`) or `s3` (objects in `s3_bucket`; "
+            "`path` then holds the staging area and a local cache of blobs, and, by default, "
+            "the SQLite index). With `s3` a C-STORE is acknowledged once S3 has answered the "
+            "upload; credentials come from boto3's usual chain (`AWS_ACCESS_KEY_ID` / "
+            "`AWS_SECRET_ACCESS_KEY`, a profile, a service account's web identity, an "
+            "instance role).",
+        ),
+        "s3_bucket": Key(_optional_string, None,
+                         "The bucket of `backend = \"s3\"` (required then; it must exist)."),
+        "s3_prefix": Key(_string, "",
+                         "Prefix of every object name (e.g. `archive/`): an object is "
+                         "`<s3_prefix><StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`."),
+        "s3_endpoint_url": Key(
+            _optional_string, None,
+            "Endpoint of an S3-compatible store (MinIO, Ceph, a cloud's S3 API); unset: AWS. "
+            "Addressing is path-style when set.",
+        ),
+        "s3_region": Key(_optional_string, None,
+                         "Region of the bucket (unset: boto3's default, `AWS_REGION`)."),
+        "cache_max_bytes": Key(
+            _non_negative, 10 * 1024**3,
+            "`backend = \"s3\"`: most bytes of blobs kept in the local cache under `path` "
+            "(new blobs and blobs read back); the least recently used go first.",
+        ),
         "cache_new_blobs": Key(
             _boolean, False,
             "Keep newly stored blobs in the operating system's page cache. By default their "
@@ -661,6 +687,8 @@ def load_settings(
             for key, definition in keys.items()
         }
     _resolve_fhir(sections["fhir"])
+    if sections["storage"]["backend"] == "s3" and not sections["storage"]["s3_bucket"]:
+        raise ConfigError("storage.s3_bucket: required when storage.backend = \"s3\"")
     if sections["fhir"]["base_url"] is not None and sections["publish"]["patient_system"] is None \
             and not sections["publish"]["patient_systems"]:
         raise ConfigError("publish.patient_system: required when fhir.base_url is set (the "

@@ -328,7 +328,11 @@ class Ingest:
                 f"({REJECTION_TITLES.get(rejection[0], rejection[0])}); it is not stored again")
         outcome: Outcome = "stored"
         if existing is not None:
-            stored = self.storage.path_for(existing.blob_key)
+            try:
+                stored = self.storage.path_for(existing.blob_key)
+            except OSError as exc:  # an object store that cannot be read now
+                raise OutOfResources(f"the stored copy of SOP Instance {record.sop_uid} "
+                                     f"cannot be compared now: {exc}") from exc
             if not stored.is_file():
                 pass  # the index lost its blob: store this one
             elif same_dataset(path, stored):
@@ -493,10 +497,12 @@ class Ingest:
             for key in self.storage.series_keys(study_uid, series_uid):
                 if key in named:
                     try:
-                        if os.stat(self.storage.file_of(key)).st_mtime <= named[key]:
-                            continue
-                    except OSError:
-                        continue  # gone meanwhile: nothing to index
+                        modified = self.storage.modified_at(key)
+                    except OSError as exc:
+                        log.warning("recovery: blob %s skipped: %s", key, exc)
+                        continue
+                    if modified is None or modified <= named[key]:
+                        continue  # not newer than its row, or gone meanwhile
                     why = "replaced before the unclean stop; its row was older"
                 else:
                     why = "stored before the unclean stop"

@@ -260,6 +260,8 @@ def blob_path(storage: FileStorage, item: Located) -> Path:
     except ValueError as exc:
         raise InstanceMissing(f"SOP Instance {item.sop_uid}: the index holds a malformed "
                               "storage key") from exc
+    except OSError as exc:  # an object store that cannot be read now
+        raise InstanceMissing(f"SOP Instance {item.sop_uid}: {exc}") from exc
     if not path.is_file():
         raise InstanceMissing(f"SOP Instance {item.sop_uid} is indexed but its stored file is "
                               "missing (index and storage disagree; `imaging-gateway reindex` "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import itertools
 import logging
 import os
@@ -30,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.errors import InvalidInstance, OutOfResources
+from gateway.errors import ConfigError, InvalidInstance, OutOfResources, StoreError
 
 log = logging.getLogger("gateway.storage")
 
@@ -205,6 +206,13 @@ class FileStorage:
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
 
+    def modified_at(self, key: str) -> float | None:
+        """When the blob was last written (seconds since the epoch), ``None`` if absent."""
+        try:
+            return os.stat(self.file_of(key)).st_mtime
+        except FileNotFoundError:
+            return None
+
     def delete(self, key: str) -> None:
         path = self.path_for(key)
         path.unlink(missing_ok=True)
@@ -249,6 +257,230 @@ class FileStorage:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+
+#: S3 error codes that no retry mends: the bucket or the credentials are wrong.
+_S3_REFUSALS = frozenset({"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId",
+                          "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidBucketName"})
+
+
+class S3Storage(FileStorage):
+    """Blobs as objects in an S3 bucket (``<prefix><key>``), with a local read cache.
+
+    The bucket holds the copy that counts: a blob is stored when its PUT is answered 200 (S3's
+    own durability), and only then acknowledged. ``root`` keeps the staging area (received data
+    sets arrive there, as with :class:`FileStorage`) and a cache of blobs in the same layout:
+    each stored blob stays there after its upload (a study is often read soon after it
+    arrives), and a blob read when absent is downloaded there first, so every reader works on
+    a local file (:meth:`path_for`). The cache is trimmed to ``cache_max_bytes``, oldest use
+    first; blobs used in the last :data:`CACHE_GRACE_SECONDS` are never trimmed, so a reader
+    never loses the file it was just given. Nothing in the cache is fsync'd: a lost cached
+    file is downloaded again.
+
+    Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
+    a profile, a Kubernetes service account's web identity, an instance role).
+    """
+
+    #: A cached blob used this recently stays (see the class docstring).
+    CACHE_GRACE_SECONDS = 120.0
+    #: A hit refreshes the blob's use time at most this often (it is the file's mtime).
+    TOUCH_SECONDS = 600.0
+    #: Blobs up to this size go up in one PUT (the transfer manager's machinery costs more
+    #: than it saves on an image); larger ones in parts.
+    SINGLE_PUT_BYTES = 64 * 1024**2
+
+    def __init__(self, root: Path, *, bucket: str, prefix: str = "",
+                 endpoint_url: str | None = None, region: str | None = None,
+                 cache_max_bytes: int = 10 * 1024**3) -> None:
+        super().__init__(root, fsync=False, cache_new_blobs=True)
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix
+        self.cache_max_bytes = cache_max_bytes
+        self._added = 0  # bytes added to the cache since it was last measured
+        self._trimming = threading.Lock()
+        self._client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region,
+            config=Config(retries={"max_attempts": 4, "mode": "standard"},
+                          max_pool_connections=32,
+                          s3={"addressing_style": "path" if endpoint_url else "auto"}))
+        where = f"{endpoint_url or 'AWS'}, bucket {bucket!r}"
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise ConfigError(f"storage.s3_bucket: {where} cannot be used: "
+                              f"{_s3_reason(exc)}") from exc
+        log.info("blobs go to S3 (%s, prefix %r); local cache %s, at most %d MB", where,
+                 prefix, self.root, cache_max_bytes // 10**6)
+
+    def _object(self, key: str) -> str:
+        self.file_of(key)  # validates the key
+        return self.prefix + key
+
+    # -- writes ----------------------------------------------------------------------------------
+    def put_file(self, key: str, source: Path | str, *, move: bool,
+                 durable: bool = True) -> None:
+        """Upload ``source`` as ``key`` (durable once S3 answers), then keep it in the cache."""
+        name = self._object(key)
+        try:
+            if os.path.getsize(source) <= self.SINGLE_PUT_BYTES:
+                with open(source, "rb") as body:  # one request (rewound by botocore to retry)
+                    self._client.put_object(Bucket=self.bucket, Key=name, Body=body,
+                                            ContentType="application/dicom")
+            else:  # in parts, several at once
+                self._client.upload_file(str(source), self.bucket, name,
+                                         ExtraArgs={"ContentType": "application/dicom"})
+        except OSError as exc:
+            raise _resource_error(exc, f"reading {key} to upload it") from exc
+        except Exception as exc:
+            raise _s3_store_error(exc, f"storing {key}") from exc
+        super().put_file(key, source, move=move, durable=False)
+        self._cached(key)
+
+    def sync(self, keys: Iterable[str]) -> dict[str, OutOfResources]:
+        """Nothing to do: a blob is durable once its upload was answered."""
+        return {}
+
+    # -- reads and deletes ------------------------------------------------------------------------
+    def path_for(self, key: str) -> Path:
+        """The cached file of ``key``, downloaded first when absent. The path names no file
+        when the bucket has no such object; ``OSError`` when the bucket cannot be read."""
+        path = super().path_for(key)
+        try:
+            used = os.stat(path).st_mtime
+        except FileNotFoundError:
+            self._download(key, str(path))
+            return path
+        now = time.time()
+        if now - used > self.TOUCH_SECONDS:
+            with contextlib.suppress(OSError):
+                os.utime(path, (now, now))
+        return path
+
+    def _download(self, key: str, target: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self._staging, suffix=".get")
+        os.close(fd)
+        try:
+            try:
+                body = self._client.get_object(Bucket=self.bucket, Key=self._object(key))["Body"]
+                with open(tmp, "wb") as out:
+                    shutil.copyfileobj(body, out, 1 << 20)
+            except Exception as exc:
+                if _s3_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return
+                raise OSError(errno.EIO, f"object store unavailable while reading {key}: "
+                                         f"{_s3_reason(exc)}") from exc
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._cached(key)
+
+    def exists(self, key: str) -> bool:
+        return self.modified_at(key) is not None
+
+    def modified_at(self, key: str) -> float | None:
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self._object(key))
+        except Exception as exc:
+            if _s3_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise OSError(errno.EIO, f"object store unavailable: {_s3_reason(exc)}") from exc
+        return float(head["LastModified"].timestamp())
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._object(key))
+        except Exception as exc:
+            raise OSError(errno.EIO, f"object store unavailable while deleting {key}: "
+                                     f"{_s3_reason(exc)}") from exc
+        super().delete(key)
+
+    def keys(self) -> Iterator[str]:
+        """Every stored key (from the bucket's listing, in its order: by key)."""
+        yield from self._listed(self.prefix)
+
+    def series_keys(self, study_uid: str, series_uid: str) -> list[str]:
+        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+            return []
+        return list(self._listed(f"{self.prefix}{study_uid}/{series_uid}/"))
+
+    def _listed(self, prefix: str) -> Iterator[str]:
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", ()):
+                key = item["Key"][len(self.prefix):]
+                if _KEY_RE.match(key):
+                    yield key
+
+    # -- the cache --------------------------------------------------------------------------------
+    def _cached(self, key: str) -> None:
+        """Count a blob into the cache; past a tenth of the limit, measure and trim it."""
+        with contextlib.suppress(OSError):
+            self._added += os.path.getsize(self.file_of(key))
+        if self._added > self.cache_max_bytes // 10 and self._trimming.acquire(blocking=False):
+            self._added = 0
+            threading.Thread(target=self._trim, name="s3-cache-trim", daemon=True).start()
+
+    def _trim(self) -> None:
+        try:
+            self.trim_cache()
+        finally:
+            self._trimming.release()
+
+    def trim_cache(self) -> int:
+        """Remove cached blobs, least recently used first, until the cache holds at most
+        ``cache_max_bytes`` (sparing those used in the grace period); returns how many."""
+        blobs: list[tuple[float, int, str]] = []
+        for directory, subdirectories, files in os.walk(self._root):
+            if directory == self._root:
+                subdirectories[:] = [d for d in subdirectories if d != self._staging.name]
+            for name in files:
+                if name.endswith(".dcm"):
+                    path = os.path.join(directory, name)
+                    with contextlib.suppress(OSError):
+                        status = os.stat(path)
+                        blobs.append((status.st_mtime, status.st_size, path))
+        total = sum(size for _, size, _ in blobs)
+        removed = 0
+        spare_after = time.time() - self.CACHE_GRACE_SECONDS
+        for used, size, path in sorted(blobs):
+            if total <= self.cache_max_bytes or used > spare_after:
+                break
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                total -= size
+                removed += 1
+        if removed:
+            log.info("S3 cache: %d blobs removed, %d MB kept", removed, total // 10**6)
+        return removed
+
+
+def _s3_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``""`` for anything else)."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def _s3_reason(exc: BaseException) -> str:
+    code = _s3_code(exc)
+    cause = exc.__cause__ or exc.__context__
+    return f"{code}: {exc}" if code else f"{exc}" + (f" ({cause})" if cause else "")
+
+
+def _s3_store_error(exc: BaseException, action: str) -> StoreError:
+    """A failed upload: refused for good (wrong bucket or credentials: 0x0110, with what to
+    check), otherwise out of resources (0xA700: the sender keeps its copy and retries)."""
+    inner = exc.__cause__ if exc.__cause__ is not None else exc
+    code = _s3_code(inner) or _s3_code(exc)
+    if code in _S3_REFUSALS:  # what to check first: an Error Comment keeps 64 characters
+        return StoreError(f"S3 {code}: check storage.s3_bucket and the S3 credentials "
+                          f"({action}: {_s3_reason(inner)})", status=0x0110)
+    return OutOfResources(f"object store unavailable while {action}: {_s3_reason(inner)}")
 
 
 _STAGING_NAMES = itertools.count()

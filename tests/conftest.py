@@ -21,14 +21,12 @@ from pathlib import Path
 import pytest
 import requests
 
-# Real FHIR and OAuth2 servers (session fixtures), a client of sekmet, failure injection
-from postgres import postgres_server, postgres_url  # noqa: F401
-
 # dcmtk_env: TCP_NODELAY=1 and dcmtk's own programs first on PATH (pynetdicom installs Python
 # scripts of the same names), for every dcmtk tool the tests start
 from bench.targets import dcmtk_bin_dir
 from bench.targets import dcmtk_env as dcmtk_env
 
+# Real FHIR and OAuth2 servers (session fixtures), a client of sekmet, failure injection
 from fhir_servers import (  # noqa: F401
     client_keys,
     failing,
@@ -37,6 +35,10 @@ from fhir_servers import (  # noqa: F401
     sekmet,
     sekmet_fhir,
 )
+
+# Real PostgreSQL and an S3 endpoint (session fixtures), an empty database / bucket per test
+from postgres import postgres_server, postgres_url  # noqa: F401
+from s3 import s3_bucket, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

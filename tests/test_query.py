@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from postgres import new_database
 from sqlalchemy import select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -28,6 +27,7 @@ from gateway.query import (
     run,
 )
 
+from postgres import new_database
 from samples import ARCHIVE, S1, S2, S3, SE_A, SE_B, SE_C, SE_D, synthetic_instance
 
 

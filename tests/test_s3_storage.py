@@ -1,0 +1,183 @@
+"""Blobs in an S3 bucket (``storage.backend = "s3"``), on a real S3 wire protocol (moto's server,
+tests/s3.py): a C-STORE is acknowledged only once its object is in the bucket, byte-exact; a
+blob whose local copy is gone is read back from the bucket; a bucket that cannot take a blob
+fails the C-STORE with the status that tells the sender whether to retry, and nothing is
+indexed; deletion and ``reindex`` work on the bucket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+from gateway.storage import S3Storage, instance_key
+
+from conftest import GatewayProcess, dcmtk_env, require_dcmtk
+from s3 import CREDENTIALS, MotoServer, S3Bucket
+from samples import fresh_copies
+
+MULTIPART_DICOM = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+
+
+def _key(path: Path) -> str:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return instance_key(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+def _send(gateway: GatewayProcess, path: Path) -> pydicom.Dataset:
+    """One C-STORE with pynetdicom; the response's status data set."""
+    ae = AE(ae_title="S3SCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(pydicom.dcmread(path))
+    finally:
+        assoc.release()
+
+
+def test_each_acknowledged_instance_is_an_object_in_the_bucket_holding_what_was_sent(
+        make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
+        tmp_path: Path) -> None:
+    require_dcmtk()
+    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    files = fresh_copies(tmp_path, 8)
+    senders = [subprocess.Popen(["storescu", "-aec", gateway.ae_title, "127.0.0.1",
+                                 str(gateway.dimse_port), *map(str, half)], env=dcmtk_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for half in (files[:4], files[4:])]
+    assert [s.wait(60) for s in senders] == [0, 0]
+
+    objects = s3_bucket.objects()
+    assert sorted(objects) == sorted(_key(f) for f in files)
+    for sent in files:
+        stored = objects[_key(sent)]
+        # the whole stored file, as the files backend keeps it (byte-exact as received: the
+        # received data set behind the gateway's file meta, tests/test_dimse.py)
+        assert stored == (gateway.data / _key(sent)).read_bytes()
+        assert pydicom.dcmread(BytesIO(stored)).SOPInstanceUID == \
+            pydicom.dcmread(sent).SOPInstanceUID
+    (study,) = requests.get(f"{gateway.dicomweb}/studies", timeout=10).json()
+    assert study["00201208"]["Value"] == [8]
+
+
+def test_an_instance_whose_local_copy_is_gone_is_read_back_from_the_bucket(
+        make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
+        tmp_path: Path) -> None:
+    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    files = fresh_copies(tmp_path, 3)
+    for path in files:
+        assert _send(gateway, path).Status == 0x0000
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    shutil.rmtree(gateway.data / study_uid)  # the local cache loses the whole study
+
+    retrieved = requests.get(f"{gateway.dicomweb}/studies/{study_uid}", headers=MULTIPART_DICOM,
+                             timeout=30)
+    assert retrieved.status_code == 200
+    assert retrieved.content.count(b"DICM") == 3
+    for path in files:  # back in the cache, as in the bucket
+        assert (gateway.data / _key(path)).read_bytes() == s3_bucket.objects()[_key(path)]
+
+
+def test_a_bucket_that_is_gone_refuses_the_c_store_for_good_and_nothing_is_indexed(
+        make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
+        tmp_path: Path) -> None:
+    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    s3_bucket.client().delete_bucket(Bucket=s3_bucket.name)
+
+    (path,) = fresh_copies(tmp_path, 1)
+    status = _send(gateway, path)
+    assert status.Status == 0x0110  # Processing failure: retrying the same bucket cannot help
+    assert "NoSuchBucket" in status.ErrorComment and "storage.s3_bucket" in status.ErrorComment
+    assert requests.get(f"{gateway.dicomweb}/studies", timeout=10).json() == []
+
+
+def test_an_unreachable_object_store_fails_the_c_store_with_a700_so_the_sender_retries(
+        make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    server = MotoServer(tmp_path)  # its own: this test stops it
+    server.start()
+    bucket = S3Bucket(server.endpoint, "gw-unreachable")
+    bucket.client().create_bucket(Bucket=bucket.name)
+    gateway = make_gateway(extra={"storage": bucket.settings()}, env=CREDENTIALS).start()
+    first, second = fresh_copies(tmp_path, 2)
+    assert _send(gateway, first).Status == 0x0000
+    server.stop()
+
+    status = _send(gateway, second)
+    assert status.Status == 0xA700  # Out of Resources: the sender keeps its copy, retries later
+    assert "object store unavailable" in status.ErrorComment
+    found = requests.get(f"{gateway.dicomweb}/instances", timeout=10).json()
+    assert [i["00080018"]["Value"][0] for i in found] == [pydicom.dcmread(first).SOPInstanceUID]
+
+
+def test_deleting_a_study_removes_its_objects_and_reindex_rebuilds_the_index_from_the_bucket(
+        make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
+        tmp_path: Path) -> None:
+    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    files = fresh_copies(tmp_path, 4)
+    for path in files:
+        assert _send(gateway, path).Status == 0x0000
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    assert gateway.stop() == 0
+
+    gateway.index_file.unlink()  # index and local cache lost: only the bucket remains
+    shutil.rmtree(gateway.data / study_uid)
+    done = gateway.cli("reindex", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    gateway.start()
+    (study,) = requests.get(f"{gateway.dicomweb}/studies", timeout=10).json()
+    assert study["00201208"]["Value"] == [4]
+
+    assert requests.delete(f"{gateway.dicomweb}/studies/{study_uid}",
+                           timeout=10).status_code == 204
+    assert s3_bucket.objects() == {}
+
+
+def test_a_bucket_that_cannot_be_used_stops_the_start_with_a_configuration_error(
+        make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket) -> None:
+    gateway = make_gateway(extra={"storage": s3_bucket.settings(s3_bucket="gw-no-such-bucket")},
+                           env=CREDENTIALS)
+    done = gateway.cli("reindex", "--no-progress")
+    assert done.returncode == 2
+    assert "storage.s3_bucket" in done.stderr and "gw-no-such-bucket" in done.stderr
+
+
+def test_the_s3_backend_needs_a_bucket() -> None:
+    with pytest.raises(ConfigError, match=r"storage\.s3_bucket: required"):
+        load_settings(environ={}, overrides={"storage": {"backend": "s3"}})
+
+
+def test_the_cache_keeps_the_most_recently_used_blobs_within_its_limit(
+        s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(S3Storage, "CACHE_GRACE_SECONDS", 0.0)
+    storage = S3Storage(tmp_path / "cache", bucket=s3_bucket.name,
+                        endpoint_url=s3_bucket.endpoint, cache_max_bytes=2500)
+    keys = [instance_key("1.2", "1.2.3", f"1.2.3.{n}") for n in range(5)]
+    for age, key in enumerate(keys):
+        blob = tmp_path / "blob"
+        blob.write_bytes(bytes([age]) * 1000)
+        storage.put_file(key, blob, move=True)
+        stamp = time.time() - 1000 + age  # the first stored is the least recently used
+        os.utime(storage.path_for(key), (stamp, stamp))
+
+    storage.trim_cache()  # (stores past a tenth of the limit also start one in the background)
+    assert [storage.file_of(k) for k in keys if Path(storage.file_of(k)).exists()] == \
+        [storage.file_of(k) for k in keys[3:]]
+    assert storage.path_for(keys[0]).read_bytes() == bytes([0]) * 1000  # fetched again
+    assert sorted(storage.keys()) == sorted(keys)
+    storage.delete(keys[0])
+    assert not storage.exists(keys[0]) and storage.exists(keys[1])
