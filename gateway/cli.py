@@ -268,13 +268,18 @@ def import_paths(services: Services, paths: Sequence[str], *, jobs: int, progres
 def reindex(services: Services, *, progress: bool) -> int:
     """Rebuild the index from the stored blobs (run with the gateway stopped)."""
     services.storage.clear_staging()
-    keys = list(services.storage.keys())
+    try:
+        keys = list(services.storage.keys())
+    except OSError as exc:  # e.g. an S3 bucket that cannot be listed now: nothing changed
+        print(f"imaging-gateway: reindex: the stored blobs cannot be listed: {exc}",
+              file=sys.stderr)
+        return 1
     services.index.clear()
     failures = 0
     for key in tqdm(keys, unit="file", disable=not progress, desc="reindex"):
         try:
             services.ingest.index_blob(key)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             failures += 1
             log.warning("reindex %s failed: %s", key, exc)
     counts = services.index.counts()

@@ -334,11 +334,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "backend": Key(
             _choice("files", "s3"), "files",
             "Where blobs are kept: `files` (under `path`) or `s3` (objects in `s3_bucket`; "
-            "`path` then holds the staging area and a local cache of blobs, and, by default, "
-            "the SQLite index). With `s3` a C-STORE is acknowledged once S3 has answered the "
-            "upload; credentials come from boto3's usual chain (`AWS_ACCESS_KEY_ID` / "
-            "`AWS_SECRET_ACCESS_KEY`, a profile, a service account's web identity, an "
-            "instance role).",
+            "`path` then holds, in `s3-cache/`, the staging area and a local cache of blobs, "
+            "and, by default, the SQLite index). With `s3` a C-STORE is acknowledged once S3 "
+            "has answered the upload; credentials come from boto3's usual chain "
+            "(`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, a profile, a service account's "
+            "web identity, an instance role).",
         ),
         "s3_bucket": Key(_optional_string, None,
                          "The bucket of `backend = \"s3\"` (required then; it must exist)."),

@@ -346,6 +346,7 @@ class Ingest:
             outcome = "replaced"
         key = instance_key(record.study_uid, record.series_uid, record.sop_uid)
         self._check_space()
+        size = os.path.getsize(path)  # read just now: it is there
         if existing is not None and existing.blob_key == key and \
                 os.path.exists(self.storage.file_of(key)):
             # An acknowledged blob is replaced in place: the new one is durable before its
@@ -363,7 +364,7 @@ class Ingest:
             failed = self._sync(key, meanwhile, mark)
             if failed:
                 raise failed[key]
-        pending = _Pending(record, key, os.path.getsize(self.storage.file_of(key)), source)
+        pending = _Pending(record, key, size, source)
         replaced_key = existing.blob_key if existing is not None and \
             existing.blob_key != key else None
         if defer_index and self.index.is_sqlite:
@@ -399,7 +400,11 @@ class Ingest:
         """Step 5: the index rows of a durable blob; then the blob it replaced goes."""
         self._group.commit(pending)
         if replaced_key is not None:
-            self.storage.delete(replaced_key)
+            try:
+                self.storage.delete(replaced_key)
+            except OSError as exc:  # stored and indexed all the same; only a leftover stays
+                log.error("blob %s, replaced by %s, could not be deleted (%s); reindex would "
+                          "bring it back", replaced_key, pending.key, exc)
 
     def _mark_for_recovery(self, record: InstanceRecord) -> None:
         """Before an instance is acknowledged ahead of its index rows: its series is marked
@@ -494,7 +499,12 @@ class Ingest:
         indexed = 0
         for study_uid, series_uid in self.index.recovery_candidates():
             named = self.index.blob_keys_of_series(series_uid)
-            for key in self.storage.series_keys(study_uid, series_uid):
+            try:
+                keys = self.storage.series_keys(study_uid, series_uid)
+            except OSError as exc:  # an object store that cannot be listed now
+                log.error("recovery: series %s not checked: %s", series_uid, exc)
+                continue
+            for key in keys:
                 if key in named:
                     try:
                         modified = self.storage.modified_at(key)
@@ -508,7 +518,7 @@ class Ingest:
                     why = "stored before the unclean stop"
                 try:
                     self.index_blob(key)
-                except StoreError as exc:
+                except (StoreError, OSError) as exc:
                     log.warning("recovery: blob %s not indexed: %s", key, exc)
                     continue
                 indexed += 1

@@ -214,7 +214,7 @@ class FileStorage:
             return None
 
     def delete(self, key: str) -> None:
-        path = self.path_for(key)
+        path = Path(self.file_of(key))
         path.unlink(missing_ok=True)
         for directory in (path.parent, path.parent.parent):
             try:
@@ -268,23 +268,27 @@ class S3Storage(FileStorage):
     """Blobs as objects in an S3 bucket (``<prefix><key>``), with a local read cache.
 
     The bucket holds the copy that counts: a blob is stored when its PUT is answered 200 (S3's
-    own durability), and only then acknowledged. ``root`` keeps the staging area (received data
-    sets arrive there, as with :class:`FileStorage`) and a cache of blobs in the same layout:
-    each stored blob stays there after its upload (a study is often read soon after it
-    arrives), and a blob read when absent is downloaded there first, so every reader works on
-    a local file (:meth:`path_for`). The cache is trimmed to ``cache_max_bytes``, oldest use
-    first; blobs used in the last :data:`CACHE_GRACE_SECONDS` are never trimmed, so a reader
-    never loses the file it was just given. Nothing in the cache is fsync'd: a lost cached
-    file is downloaded again.
+    own durability), and only then acknowledged. Locally, in ``<root>/s3-cache``
+    (:data:`CACHE_DIRECTORY`, so that nothing else under ``root`` is ever taken for a cached
+    copy), are the staging area (received data sets arrive there, as with
+    :class:`FileStorage`) and a cache of blobs in the same layout: each stored blob stays there
+    after its upload (a study is often read soon after it arrives), and a blob read when absent
+    is downloaded there first, so every reader works on a local file (:meth:`path_for`). The
+    cache only ever holds what the bucket holds (a copy is kept after its upload, or
+    downloaded). It is trimmed to ``cache_max_bytes``, least recently used first; blobs used in
+    the last :data:`CACHE_GRACE_SECONDS` are never trimmed, so a reader does not lose the file
+    it was just given. Nothing in the cache is fsync'd: a lost cached file is downloaded again.
 
     Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
     a profile, a Kubernetes service account's web identity, an instance role).
     """
 
+    CACHE_DIRECTORY = "s3-cache"
     #: A cached blob used this recently stays (see the class docstring).
     CACHE_GRACE_SECONDS = 120.0
-    #: A hit refreshes the blob's use time at most this often (it is the file's mtime).
-    TOUCH_SECONDS = 600.0
+    #: A hit refreshes the blob's use time (its file's mtime) when older than this: well
+    #: inside the grace period, so a blob handed out has a minute and a half at least.
+    TOUCH_SECONDS = 30.0
     #: Blobs up to this size go up in one PUT (the transfer manager's machinery costs more
     #: than it saves on an image); larger ones in parts.
     SINGLE_PUT_BYTES = 64 * 1024**2
@@ -292,7 +296,7 @@ class S3Storage(FileStorage):
     def __init__(self, root: Path, *, bucket: str, prefix: str = "",
                  endpoint_url: str | None = None, region: str | None = None,
                  cache_max_bytes: int = 10 * 1024**3) -> None:
-        super().__init__(root, fsync=False, cache_new_blobs=True)
+        super().__init__(root / self.CACHE_DIRECTORY, fsync=False, cache_new_blobs=True)
         import boto3
         from botocore.config import Config
 
@@ -301,16 +305,22 @@ class S3Storage(FileStorage):
         self.cache_max_bytes = cache_max_bytes
         self._added = 0  # bytes added to the cache since it was last measured
         self._trimming = threading.Lock()
+        # An S3-compatible store (endpoint_url) gets checksums only where S3 requires them:
+        # boto3's default since 1.36 (a CRC trailer on every PUT, aws-chunked) is not spoken
+        # by every such store, and a store refusing it would refuse every upload.
+        checksums = {"request_checksum_calculation": "when_required",
+                     "response_checksum_validation": "when_required"} if endpoint_url else {}
         self._client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(retries={"max_attempts": 4, "mode": "standard"},
-                          max_pool_connections=32,
-                          s3={"addressing_style": "path" if endpoint_url else "auto"}))
+            config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                          connect_timeout=5, read_timeout=30, max_pool_connections=32,
+                          s3={"addressing_style": "path" if endpoint_url else "auto"},
+                          **checksums))
         where = f"{endpoint_url or 'AWS'}, bucket {bucket!r}"
         try:
             self._client.head_bucket(Bucket=bucket)
         except Exception as exc:
-            raise ConfigError(f"storage.s3_bucket: {where} cannot be used: "
+            raise ConfigError(f"storage.s3_bucket: {where} cannot be used (now): "
                               f"{_s3_reason(exc)}") from exc
         log.info("blobs go to S3 (%s, prefix %r); local cache %s, at most %d MB", where,
                  prefix, self.root, cache_max_bytes // 10**6)
@@ -322,22 +332,50 @@ class S3Storage(FileStorage):
     # -- writes ----------------------------------------------------------------------------------
     def put_file(self, key: str, source: Path | str, *, move: bool,
                  durable: bool = True) -> None:
-        """Upload ``source`` as ``key`` (durable once S3 answers), then keep it in the cache."""
+        """Upload ``source`` as ``key`` (durable once S3 answers), then keep it in the cache
+        (best effort: the bucket's copy is what counts)."""
         name = self._object(key)
         try:
-            if os.path.getsize(source) <= self.SINGLE_PUT_BYTES:
-                with open(source, "rb") as body:  # one request (rewound by botocore to retry)
-                    self._client.put_object(Bucket=self.bucket, Key=name, Body=body,
-                                            ContentType="application/dicom")
-            else:  # in parts, several at once
-                self._client.upload_file(str(source), self.bucket, name,
-                                         ExtraArgs={"ContentType": "application/dicom"})
+            size = os.path.getsize(source)
+            body = open(source, "rb")  # noqa: SIM115 (closed below)
         except OSError as exc:
             raise _resource_error(exc, f"reading {key} to upload it") from exc
-        except Exception as exc:
+        try:
+            with body:
+                if size <= self.SINGLE_PUT_BYTES:  # one request (botocore rewinds to retry)
+                    self._client.put_object(Bucket=self.bucket, Key=name, Body=body,
+                                            ContentType="application/dicom")
+                else:  # in parts, several at once
+                    self._client.upload_fileobj(body, self.bucket, name,
+                                                ExtraArgs={"ContentType": "application/dicom"})
+        except Exception as exc:  # botocore's network errors are OSErrors too
             raise _s3_store_error(exc, f"storing {key}") from exc
-        super().put_file(key, source, move=move, durable=False)
-        self._cached(key)
+        self._keep(key, str(source), move=move)
+
+    def _keep(self, key: str, source: str, *, move: bool) -> None:
+        """A stored blob's copy into the cache (a newer one replaces an older one)."""
+        target = self.file_of(key)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if move:
+                os.replace(source, target)
+            else:
+                fd, tmp = tempfile.mkstemp(dir=self._staging, suffix=".keep")
+                os.close(fd)
+                try:
+                    shutil.copyfile(source, tmp)
+                    os.replace(tmp, target)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+        except OSError as exc:
+            log.warning("S3 cache: %s not kept locally (%s); it will be read from the bucket",
+                        key, exc)
+            if move:
+                with contextlib.suppress(OSError):
+                    os.unlink(source)
+            return
+        self._cached(target)
 
     def sync(self, keys: Iterable[str]) -> dict[str, OutOfResources]:
         """Nothing to do: a blob is durable once its upload was answered."""
@@ -364,8 +402,8 @@ class S3Storage(FileStorage):
         os.close(fd)
         try:
             try:
-                body = self._client.get_object(Bucket=self.bucket, Key=self._object(key))["Body"]
-                with open(tmp, "wb") as out:
+                answer = self._client.get_object(Bucket=self.bucket, Key=self._object(key))
+                with answer["Body"] as body, open(tmp, "wb") as out:
                     shutil.copyfileobj(body, out, 1 << 20)
             except Exception as exc:
                 if _s3_code(exc) in ("404", "NoSuchKey", "NotFound"):
@@ -373,16 +411,20 @@ class S3Storage(FileStorage):
                 raise OSError(errno.EIO, f"object store unavailable while reading {key}: "
                                          f"{_s3_reason(exc)}") from exc
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(tmp, target)
+            try:  # a link, not a rename: a copy placed meanwhile (a newer upload) stays
+                os.link(tmp, target)
+            except FileExistsError:
+                return
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        self._cached(key)
+        self._cached(target)
 
     def exists(self, key: str) -> bool:
         return self.modified_at(key) is not None
 
     def modified_at(self, key: str) -> float | None:
+        """The object's Last-Modified, by the store's clock (whole seconds)."""
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=self._object(key))
         except Exception as exc:
@@ -409,19 +451,24 @@ class S3Storage(FileStorage):
         return list(self._listed(f"{self.prefix}{study_uid}/{series_uid}/"))
 
     def _listed(self, prefix: str) -> Iterator[str]:
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix)
-        for page in pages:
-            for item in page.get("Contents", ()):
-                key = item["Key"][len(self.prefix):]
-                if _KEY_RE.match(key):
-                    yield key
+        """Keys of the objects under ``prefix``; ``OSError`` when the bucket cannot be listed."""
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                for item in page.get("Contents", ()):
+                    key = item["Key"][len(self.prefix):]
+                    if _KEY_RE.match(key):
+                        yield key
+        except Exception as exc:
+            raise OSError(errno.EIO, f"object store unavailable while listing {prefix!r}: "
+                                     f"{_s3_reason(exc)}") from exc
 
     # -- the cache --------------------------------------------------------------------------------
-    def _cached(self, key: str) -> None:
-        """Count a blob into the cache; past a tenth of the limit, measure and trim it."""
+    def _cached(self, path: str) -> None:
+        """Count a file into the cache; past a tenth of the limit, measure and trim it."""
         with contextlib.suppress(OSError):
-            self._added += os.path.getsize(self.file_of(key))
+            self._added += os.path.getsize(path)
         if self._added > self.cache_max_bytes // 10 and self._trimming.acquire(blocking=False):
             self._added = 0
             threading.Thread(target=self._trim, name="s3-cache-trim", daemon=True).start()
@@ -475,8 +522,10 @@ def _s3_reason(exc: BaseException) -> str:
 def _s3_store_error(exc: BaseException, action: str) -> StoreError:
     """A failed upload: refused for good (wrong bucket or credentials: 0x0110, with what to
     check), otherwise out of resources (0xA700: the sender keeps its copy and retries)."""
-    inner = exc.__cause__ if exc.__cause__ is not None else exc
-    code = _s3_code(inner) or _s3_code(exc)
+    # boto3's S3UploadFailedError (multipart) names the ClientError only as its context
+    inner = next((e for e in (exc, exc.__cause__, exc.__context__)
+                  if e is not None and _s3_code(e)), exc)
+    code = _s3_code(inner)
     if code in _S3_REFUSALS:  # what to check first: an Error Comment keeps 64 characters
         return StoreError(f"S3 {code}: check storage.s3_bucket and the S3 credentials "
                           f"({action}: {_s3_reason(inner)})", status=0x0110)

@@ -235,7 +235,7 @@ def _documented() -> dict[str, str]:
     assert DOCS.exists(), f"{DOCS} is missing"
     rows: dict[str, str] = {}
     for line in DOCS.read_text().splitlines():
-        match = re.match(r"^\|\s*`([A-Za-z_]+(?:\.[A-Za-z_<>]+)+)`\s*\|([^|]*)\|", line)
+        match = re.match(r"^\|\s*`([A-Za-z_]+(?:\.[A-Za-z0-9_<>]+)+)`\s*\|([^|]*)\|", line)
         if match:
             rows[match.group(1)] = match.group(2).strip().strip("`")
     return rows

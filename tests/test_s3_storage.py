@@ -66,7 +66,7 @@ def test_each_acknowledged_instance_is_an_object_in_the_bucket_holding_what_was_
         stored = objects[_key(sent)]
         # the whole stored file, as the files backend keeps it (byte-exact as received: the
         # received data set behind the gateway's file meta, tests/test_dimse.py)
-        assert stored == (gateway.data / _key(sent)).read_bytes()
+        assert stored == (gateway.data / "s3-cache" / _key(sent)).read_bytes()
         assert pydicom.dcmread(BytesIO(stored)).SOPInstanceUID == \
             pydicom.dcmread(sent).SOPInstanceUID
     (study,) = requests.get(f"{gateway.dicomweb}/studies", timeout=10).json()
@@ -81,14 +81,15 @@ def test_an_instance_whose_local_copy_is_gone_is_read_back_from_the_bucket(
     for path in files:
         assert _send(gateway, path).Status == 0x0000
     study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
-    shutil.rmtree(gateway.data / study_uid)  # the local cache loses the whole study
+    shutil.rmtree(gateway.data / "s3-cache" / study_uid)  # the local cache loses the whole study
 
     retrieved = requests.get(f"{gateway.dicomweb}/studies/{study_uid}", headers=MULTIPART_DICOM,
                              timeout=30)
     assert retrieved.status_code == 200
     assert retrieved.content.count(b"DICM") == 3
+    objects = s3_bucket.objects()
     for path in files:  # back in the cache, as in the bucket
-        assert (gateway.data / _key(path)).read_bytes() == s3_bucket.objects()[_key(path)]
+        assert (gateway.data / "s3-cache" / _key(path)).read_bytes() == objects[_key(path)]
 
 
 def test_a_bucket_that_is_gone_refuses_the_c_store_for_good_and_nothing_is_indexed(
@@ -133,7 +134,7 @@ def test_deleting_a_study_removes_its_objects_and_reindex_rebuilds_the_index_fro
     assert gateway.stop() == 0
 
     gateway.index_file.unlink()  # index and local cache lost: only the bucket remains
-    shutil.rmtree(gateway.data / study_uid)
+    shutil.rmtree(gateway.data / "s3-cache" / study_uid)
     done = gateway.cli("reindex", "--no-progress")
     assert done.returncode == 0, done.stderr
     gateway.start()
@@ -164,8 +165,13 @@ def test_the_cache_keeps_the_most_recently_used_blobs_within_its_limit(
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(S3Storage, "CACHE_GRACE_SECONDS", 0.0)
-    storage = S3Storage(tmp_path / "cache", bucket=s3_bucket.name,
-                        endpoint_url=s3_bucket.endpoint, cache_max_bytes=2500)
+    root = tmp_path / "storage"
+    stranger = root / "1.2" / "1.2.3" / "1.2.3.9.dcm"  # a files-backend blob of the same path
+    stranger.parent.mkdir(parents=True)
+    stranger.write_bytes(b"\0" * 5000)
+    os.utime(stranger, (0, 0))
+    storage = S3Storage(root, bucket=s3_bucket.name, endpoint_url=s3_bucket.endpoint,
+                        cache_max_bytes=2500)
     keys = [instance_key("1.2", "1.2.3", f"1.2.3.{n}") for n in range(5)]
     for age, key in enumerate(keys):
         blob = tmp_path / "blob"
@@ -177,6 +183,7 @@ def test_the_cache_keeps_the_most_recently_used_blobs_within_its_limit(
     storage.trim_cache()  # (stores past a tenth of the limit also start one in the background)
     assert [storage.file_of(k) for k in keys if Path(storage.file_of(k)).exists()] == \
         [storage.file_of(k) for k in keys[3:]]
+    assert stranger.exists()  # the cache is its own directory: nothing else is trimmed
     assert storage.path_for(keys[0]).read_bytes() == bytes([0]) * 1000  # fetched again
     assert sorted(storage.keys()) == sorted(keys)
     storage.delete(keys[0])
