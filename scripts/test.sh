@@ -8,6 +8,7 @@ ensure_venv "[test]"
 npm_install tests/fhir   # Medplum FHIR validator for tests/test_fhir_maps.py
 npm_install tests/oauth  # oidc-provider, the OAuth2 server of tests/fhir_servers.py
 install_sekmet           # sekmet-fhir, the FHIR server of tests/fhir_servers.py
+install_helm             # helm, for tests/test_helm.py
 cd "$ROOT"
 echo "== ruff" >&2
 "$VENV/bin/ruff" check gateway fhir_maps tests bench

@@ -12,3 +12,13 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{/* A value as TOML: a map as an inline table (quoted keys), anything else as JSON, which
+     is TOML for strings, numbers, booleans and arrays of them. */}}
+{{- define "imaging-gateway.toml" -}}
+{{- if kindIs "map" . -}}
+{ {{- range $i, $key := keys . | sortAlpha }}{{ if $i }},{{ end }} {{ toJson $key }} = {{ include "imaging-gateway.toml" (get $ $key) }}{{ end }} }
+{{- else -}}
+{{- toJson . -}}
+{{- end -}}
+{{- end -}}
