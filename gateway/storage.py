@@ -469,19 +469,18 @@ class S3Storage(FileStorage):
         """Count a file into the cache; past a tenth of the limit, measure and trim it."""
         with contextlib.suppress(OSError):
             self._added += os.path.getsize(path)
-        if self._added > self.cache_max_bytes // 10 and self._trimming.acquire(blocking=False):
+        if self._added > self.cache_max_bytes // 10 and not self._trimming.locked():
             self._added = 0
-            threading.Thread(target=self._trim, name="s3-cache-trim", daemon=True).start()
-
-    def _trim(self) -> None:
-        try:
-            self.trim_cache()
-        finally:
-            self._trimming.release()
+            threading.Thread(target=self.trim_cache, name="s3-cache-trim", daemon=True).start()
 
     def trim_cache(self) -> int:
         """Remove cached blobs, least recently used first, until the cache holds at most
-        ``cache_max_bytes`` (sparing those used in the grace period); returns how many."""
+        ``cache_max_bytes`` (sparing those used in the grace period); returns how many. One
+        trim at a time in a process (two would each remove what the other already did)."""
+        with self._trimming:
+            return self._trim()
+
+    def _trim(self) -> int:
         blobs: list[tuple[float, int, str]] = []
         for directory, subdirectories, files in os.walk(self._root):
             if directory == self._root:

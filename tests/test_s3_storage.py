@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from io import BytesIO
@@ -17,16 +18,19 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from gateway.config import load_settings
 from gateway.errors import ConfigError
 from gateway.storage import S3Storage, instance_key
+from gateway.upper_layer import dataset_offset
 
 from conftest import GatewayProcess, dcmtk_env, require_dcmtk
 from s3 import CREDENTIALS, MotoServer, S3Bucket
-from samples import fresh_copies
+from samples import dataset_bytes, fresh_copies
+from test_durability import make_ct_series, send_all_progressively
 
 MULTIPART_DICOM = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
 
@@ -188,3 +192,70 @@ def test_the_cache_keeps_the_most_recently_used_blobs_within_its_limit(
     assert sorted(storage.keys()) == sorted(keys)
     storage.delete(keys[0])
     assert not storage.exists(keys[0]) and storage.exists(keys[1])
+
+
+def test_kill_9_during_parallel_stores_to_s3_loses_nothing_acknowledged(
+        make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
+        tmp_path: Path) -> None:
+    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    batches = [make_ct_series(tmp_path / f"sender{n}", 40, rows=128) for n in range(4)]
+    results: list[dict[Path, int | None]] = [{} for _ in batches]
+    acknowledged = threading.Semaphore(0)
+
+    def sender(number: int) -> None:
+        for path, status in send_all_progressively(gateway, batches[number]):
+            results[number][path] = status
+            if status == 0:
+                acknowledged.release()
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in range(30):  # mid-stream for sure
+        assert acknowledged.acquire(timeout=60), "senders stalled before the kill"
+    gateway.kill9()
+    for thread in threads:
+        thread.join(60)
+    acked = [path for batch in results for path, status in batch.items() if status == 0]
+    assert len(acked) >= 30 and len(acked) < sum(len(b) for b in batches)
+
+    objects = s3_bucket.objects()  # each acknowledged instance is in the bucket, whole
+    for path in acked:
+        assert dataset_bytes(path) == _data_set(objects[_key(path)])
+    gateway.start()  # the same bucket, cache and index: rows the kill took are recovered
+    assert "did not stop cleanly" in gateway.log
+    found = requests.get(f"{gateway.dicomweb}/instances", params={"limit": 1000},
+                         timeout=10).json()
+    present = {item["00080018"]["Value"][0] for item in found}
+    assert {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in acked} <= present
+
+
+def _data_set(blob: bytes) -> bytes:
+    """The data set of a Part 10 file held in memory (after its file meta)."""
+    return blob[dataset_offset(blob):]
+
+
+def test_stow_rs_into_the_bucket_and_c_get_of_copies_no_longer_cached(
+        make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
+        tmp_path: Path) -> None:
+    require_dcmtk()
+    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    files = fresh_copies(tmp_path, 3)
+    DICOMwebClient(gateway.dicomweb).store_instances(
+        datasets=[pydicom.dcmread(path) for path in files])
+    assert sorted(s3_bucket.objects()) == sorted(_key(path) for path in files)
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    shutil.rmtree(gateway.data / "s3-cache" / study_uid)
+
+    out = tmp_path / "got"
+    out.mkdir()
+    got = subprocess.run(
+        ["getscu", "-S", "+B", "-aec", gateway.ae_title, "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+         "127.0.0.1", str(gateway.dimse_port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert got.returncode == 0, got.stderr
+    received = {pydicom.dcmread(p).SOPInstanceUID: p for p in out.iterdir()}
+    for path in files:
+        sop = pydicom.dcmread(path).SOPInstanceUID
+        assert dataset_bytes(received[sop]) == dataset_bytes(path)
