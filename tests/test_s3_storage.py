@@ -40,6 +40,18 @@ def _key(path: Path) -> str:
     return instance_key(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
 
 
+def _on_s3(make_gateway: Callable[..., GatewayProcess], bucket: S3Bucket) -> GatewayProcess:
+    """A started gateway keeping its blobs in ``bucket``."""
+    return make_gateway(extra={"storage": bucket.settings()}, env=CREDENTIALS).start()
+
+
+def _store(gateway: GatewayProcess, files: list[Path]) -> str:
+    """C-STORE each file (each must succeed); their study's UID."""
+    for path in files:
+        assert _send(gateway, path).Status == 0x0000
+    return str(pydicom.dcmread(files[0]).StudyInstanceUID)
+
+
 def _send(gateway: GatewayProcess, path: Path) -> pydicom.Dataset:
     """One C-STORE with pynetdicom; the response's status data set."""
     ae = AE(ae_title="S3SCU")
@@ -56,7 +68,7 @@ def test_each_acknowledged_instance_is_an_object_in_the_bucket_holding_what_was_
         make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
         tmp_path: Path) -> None:
     require_dcmtk()
-    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    gateway = _on_s3(make_gateway, s3_bucket)
     files = fresh_copies(tmp_path, 8)
     senders = [subprocess.Popen(["storescu", "-aec", gateway.ae_title, "127.0.0.1",
                                  str(gateway.dimse_port), *map(str, half)], env=dcmtk_env(),
@@ -80,11 +92,9 @@ def test_each_acknowledged_instance_is_an_object_in_the_bucket_holding_what_was_
 def test_an_instance_whose_local_copy_is_gone_is_read_back_from_the_bucket(
         make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
         tmp_path: Path) -> None:
-    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    gateway = _on_s3(make_gateway, s3_bucket)
     files = fresh_copies(tmp_path, 3)
-    for path in files:
-        assert _send(gateway, path).Status == 0x0000
-    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    study_uid = _store(gateway, files)
     shutil.rmtree(gateway.data / "s3-cache" / study_uid)  # the local cache loses the whole study
 
     retrieved = requests.get(f"{gateway.dicomweb}/studies/{study_uid}", headers=MULTIPART_DICOM,
@@ -99,7 +109,7 @@ def test_an_instance_whose_local_copy_is_gone_is_read_back_from_the_bucket(
 def test_a_bucket_that_is_gone_refuses_the_c_store_for_good_and_nothing_is_indexed(
         make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
         tmp_path: Path) -> None:
-    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    gateway = _on_s3(make_gateway, s3_bucket)
     s3_bucket.client().delete_bucket(Bucket=s3_bucket.name)
 
     (path,) = fresh_copies(tmp_path, 1)
@@ -115,7 +125,7 @@ def test_an_unreachable_object_store_fails_the_c_store_with_a700_so_the_sender_r
     server.start()
     bucket = S3Bucket(server.endpoint, "gw-unreachable")
     bucket.client().create_bucket(Bucket=bucket.name)
-    gateway = make_gateway(extra={"storage": bucket.settings()}, env=CREDENTIALS).start()
+    gateway = _on_s3(make_gateway, bucket)
     first, second = fresh_copies(tmp_path, 2)
     assert _send(gateway, first).Status == 0x0000
     server.stop()
@@ -130,11 +140,9 @@ def test_an_unreachable_object_store_fails_the_c_store_with_a700_so_the_sender_r
 def test_deleting_a_study_removes_its_objects_and_reindex_rebuilds_the_index_from_the_bucket(
         make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
         tmp_path: Path) -> None:
-    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    gateway = _on_s3(make_gateway, s3_bucket)
     files = fresh_copies(tmp_path, 4)
-    for path in files:
-        assert _send(gateway, path).Status == 0x0000
-    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    study_uid = _store(gateway, files)
     assert gateway.stop() == 0
 
     gateway.index_file.unlink()  # index and local cache lost: only the bucket remains
@@ -197,7 +205,7 @@ def test_the_cache_keeps_the_most_recently_used_blobs_within_its_limit(
 def test_kill_9_during_parallel_stores_to_s3_loses_nothing_acknowledged(
         make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
         tmp_path: Path) -> None:
-    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    gateway = _on_s3(make_gateway, s3_bucket)
     batches = [make_ct_series(tmp_path / f"sender{n}", 40, rows=128) for n in range(4)]
     results: list[dict[Path, int | None]] = [{} for _ in batches]
     acknowledged = threading.Semaphore(0)
@@ -239,7 +247,7 @@ def test_stow_rs_into_the_bucket_and_c_get_of_copies_no_longer_cached(
         make_gateway: Callable[..., GatewayProcess], s3_bucket: S3Bucket,
         tmp_path: Path) -> None:
     require_dcmtk()
-    gateway = make_gateway(extra={"storage": s3_bucket.settings()}, env=CREDENTIALS).start()
+    gateway = _on_s3(make_gateway, s3_bucket)
     files = fresh_copies(tmp_path, 3)
     DICOMwebClient(gateway.dicomweb).store_instances(
         datasets=[pydicom.dcmread(path) for path in files])
