@@ -96,8 +96,10 @@ def _local_load() -> int:
 
 def serve(settings: Settings) -> int:
     """Run the DICOM listener and the HTTP server until SIGTERM/SIGINT, then drain and exit."""
+    from gateway import metrics
     from gateway.workers import ReceiverPool, ReceiverStartError
 
+    forget_metrics = metrics.enable_multiprocess()  # before any process makes a metric
     pool: ReceiverPool | None = None
     try:
         if settings.dimse_workers > 1:  # first: they load their libraries while this one does
@@ -110,10 +112,13 @@ def serve(settings: Settings) -> int:
         if pool is not None:  # e.g. the port is taken: the receivers go too
             pool.stop(0)
         raise
+    finally:
+        forget_metrics()
 
 
 def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
     """:func:`serve` once its receiver processes (if any) are launched."""
+    from gateway import metrics
     from gateway.bootstrap import build_services, settle_heap
     from gateway.dimse import DimseNode
     from gateway.http_server import AccessLog, Server
@@ -121,6 +126,7 @@ def _serve(settings: Settings, pool: ReceiverPool | None) -> int:
     from gateway.workers import ReceiverStartError
 
     services = build_services(settings)
+    metrics.prepare()
     leftovers = services.storage.clear_staging()
     if leftovers:
         log.info("removed %d unacknowledged partial receptions from staging", leftovers)

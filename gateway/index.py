@@ -855,6 +855,12 @@ class Index:
             ).values(state=state, due_at=due_at, attempts=item.attempts + 1,
                      last_error=error[:2000], updated_at=time.time()))
 
+    def outbox_states(self) -> dict[str, int]:
+        """How many studies the outbox holds in each state (for ``/metrics``)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(outbox.c.state, func.count()).group_by(outbox.c.state))
+            return {str(state): int(count) for state, count in rows}
+
     def outbox_rows(self, *, states: tuple[str, ...] | None = None,
                     study_uid: str | None = None) -> list[dict[str, Any]]:
         """The outbox as rows (for ``publish --failed`` and ``/api/publish``)."""

@@ -53,6 +53,7 @@ from typing import Any, Literal
 import pydicom
 from sqlalchemy.engine import Connection
 
+from gateway import metrics
 from gateway.errors import (
     DuplicateInstance,
     InvalidInstance,
@@ -96,6 +97,8 @@ class StoreResult:
     #: from however many threads it is called (a call while another runs waits for it).
     #: None when nothing is left to do.
     commit_index: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    #: Bytes written to storage (the blob stored or replaced); 0 when nothing was written.
+    blob_size: int = 0
 
 
 def dataset_offset(path: Path) -> int:
@@ -312,6 +315,20 @@ class Ingest:
         gateway.errors.StoreError
             Not stored; ``status`` tells why (and whether a retry can help).
         """
+        try:
+            result = self._store(path, move, expected_sop_class, expected_sop_uid,
+                                 expected_study_uid, source, defer_index, meanwhile)
+        except StoreError as exc:
+            metrics.store_failed(exc.status)
+            raise
+        metrics.stored(result.outcome, result.blob_size)
+        return result
+
+    def _store(self, path: Path, move: bool, expected_sop_class: str | None,
+               expected_sop_uid: str | None, expected_study_uid: str | None,
+               source: str | None, defer_index: bool,
+               meanwhile: Callable[[], None] | None) -> StoreResult:
+        """:meth:`store_file`'s work."""
         record = read_instance(path)
         self._validate(record, expected_sop_class, expected_sop_uid, expected_study_uid)
         if record.sop_class_uid == KOS_SOP_CLASS:
@@ -370,9 +387,9 @@ class Ingest:
         if defer_index and self.index.is_sqlite:
             self._mark_for_recovery(record)  # when not beside the flush (or it was not needed)
             return self._result(outcome, record, _RunOnce(
-                lambda: self._commit_acknowledged(pending, replaced_key)))
+                lambda: self._commit_acknowledged(pending, replaced_key)), size)
         self._commit(pending, replaced_key)
-        return self._result(outcome, record)
+        return self._result(outcome, record, blob_size=size)
 
     def _sync(self, key: str, *beside: Callable[[], None] | None) -> dict[str, OutOfResources]:
         """Step 4's flush of a newly named blob, with the ``beside`` work run meanwhile on a
@@ -556,9 +573,11 @@ class Ingest:
 
     @staticmethod
     def _result(outcome: Outcome, record: InstanceRecord,
-                commit_index: Callable[[], None] | None = None) -> StoreResult:
+                commit_index: Callable[[], None] | None = None,
+                blob_size: int = 0) -> StoreResult:
         return StoreResult(outcome, record.sop_class_uid, record.sop_uid, record.study_uid,
-                           record.series_uid, record.transfer_syntax_uid, commit_index)
+                           record.series_uid, record.transfer_syntax_uid, commit_index,
+                           blob_size)
 
 
 def rejection_note(path: Path) -> tuple[str, list[tuple[str, str]]] | None:

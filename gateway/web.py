@@ -1,18 +1,21 @@
 """The HTTP application: DICOMweb under ``/dicomweb``, the gateway's API under ``/api`` (the
 reader's clinical context in :mod:`gateway.api`),
-``/healthz`` (the process answers) and ``/readyz`` (index reachable, storage writable)."""
+``/healthz`` (the process answers), ``/readyz`` (index reachable, storage writable) and
+``/metrics`` (Prometheus, :mod:`gateway.metrics`)."""
 
 from __future__ import annotations
 
 import os
+import time
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import (  # noqa: F401  (qido registers its routes on dicomweb.bp)
     api,
     cohort_api,
     dicomweb,
+    metrics,
     qido,
     wado,
     wado_uri,
@@ -38,6 +41,24 @@ def create_app(services: Services) -> Flask:
     app.register_error_handler(CohortError, cohort_api.error_response)
     app.register_blueprint(wado_uri.uri_bp, url_prefix="/wado")
     app.register_blueprint(api.bp, url_prefix="/api")  # study context, patient history
+
+    @app.before_request
+    def started() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def counted(response: Response) -> Response:
+        began = g.get("started")
+        if began is not None:
+            metrics.http_request(request.method, request.endpoint or "unmatched",
+                                 response.status_code, time.perf_counter() - began)
+        return response
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        """Prometheus text exposition (gateway.metrics)."""
+        body, content_type = metrics.exposition(services, request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     @app.get("/healthz")
     def healthz() -> Response:

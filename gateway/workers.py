@@ -207,7 +207,7 @@ def _worker_main(name: str, control: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Loaded before the settings come: meanwhile the main process loads its own and opens
     # the index (receiver processes start first, see ``gateway.cli.serve``).
-    from gateway import receiver
+    from gateway import metrics, receiver
     from gateway.bootstrap import build_write_path, settle_heap
 
     pickled = control.recv(1 << 20)
@@ -216,6 +216,7 @@ def _worker_main(name: str, control: socket.socket) -> None:
     settings: Settings = pickle.loads(pickled)  # from our own parent
     setup_logging(settings)
     storage, index, ingest = build_write_path(settings, create_schema=False)
+    metrics.prepare()
     receiver.ReceiveSink.stage_into(storage)
     # The main process has checked the called AE title (ours or a cohort's) before handing over.
     policy = receiver.Policy.of(settings.dimse, receiver.storage_contexts(),
