@@ -321,6 +321,9 @@ class Ingest:
         except StoreError as exc:
             metrics.store_failed(exc.status)
             raise
+        except Exception:
+            metrics.store_failed(None)
+            raise
         metrics.stored(result.outcome, result.blob_size)
         return result
 

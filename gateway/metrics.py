@@ -19,12 +19,14 @@ waiting for, being given to, or failed at the FHIR server) and
 
 Several processes store instances (``dimse.workers``), so ``serve`` runs prometheus_client in
 its multiprocess mode (:func:`enable_multiprocess`, before any metric exists in any process):
-each process keeps its counters in files of a private temporary directory (on the temporary
-file system, never the storage disk, so a full store disk cannot fail a count), and
-``/metrics`` sums them. Other commands (``import``, ``reindex``) count in memory. prometheus_client
-is imported on first use, after that choice.
+each process keeps its counters in small memory-mapped files of a private directory under the
+temporary directory (``TMPDIR``, else ``/tmp``; it needs a few megabytes and must not be
+cleaned under a running gateway), and ``/metrics`` sums them. A clean stop removes the
+directory; one left by a killed gateway can be deleted. Other commands count in memory and
+show nothing. prometheus_client is imported on first use, after that choice.
 
-Counting never fails a store: an error while counting is logged once and ignored.
+A count never fails a store: an error while counting is logged once and ignored. An index
+that cannot be read leaves its gauges out of a scrape (``imaging_gateway_index_up`` 0).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -46,7 +49,10 @@ log = logging.getLogger("gateway.metrics")
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The outcomes of the write path (gateway.ingest.Outcome).
 OUTCOMES = ("stored", "replaced", "unchanged", "rejection-applied")
+#: Methods counted by name; any other a client sends is counted as "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 _warned = False
+_making = threading.Lock()
 
 
 def enable_multiprocess() -> Callable[[], None]:
@@ -63,8 +69,13 @@ def prepare() -> None:
         _metrics()
 
 
-@cache
 def _metrics() -> dict[str, Any]:
+    with _making:  # threads of `import` count at once; each metric is made once
+        return _made()
+
+
+@cache
+def _made() -> dict[str, Any]:
     from prometheus_client import Counter, Histogram
 
     made = {
@@ -105,14 +116,16 @@ def stored(outcome: str, size: int) -> None:
             metrics["bytes"].inc(size)
 
 
-def store_failed(status: int) -> None:
+def store_failed(status: int | None) -> None:
+    """A store refused with DIMSE ``status``, or (None) ended by an unexpected error."""
     with _never_failing():
-        _metrics()["failed"].labels(f"0x{status:04X}").inc()
+        _metrics()["failed"].labels("error" if status is None else f"0x{status:04X}").inc()
 
 
 def http_request(method: str, endpoint: str, status: int, seconds: float) -> None:
     with _never_failing():
         metrics = _metrics()
+        method = method if method in HTTP_METHODS else "other"  # a client names the method
         metrics["requests"].labels(method, endpoint, str(status)).inc()
         metrics["seconds"].labels(endpoint).observe(seconds)
 
@@ -155,17 +168,29 @@ class _StateCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        objects = GaugeMetricFamily("imaging_gateway_index_objects",
-                                    "Objects in the index, by level", labels=["level"])
-        for level, count in self.services.index.counts().items():
-            objects.add_metric([level], count)
-        yield objects
-        outbox = GaugeMetricFamily("imaging_gateway_publish_outbox",
-                                   "Studies in the FHIR publishing outbox, by state",
-                                   labels=["state"])
-        for state, count in self.services.index.outbox_states().items():
-            outbox.add_metric([state], count)
-        yield outbox
+        up = GaugeMetricFamily("imaging_gateway_index_up",
+                               "1 when this scrape could read the index, else 0")
+        try:  # an index that cannot be read leaves these out, never the counters
+            counts = self.services.index.counts()
+            states = self.services.index.outbox_states()
+        except Exception as exc:
+            log.warning("/metrics: the index cannot be read: %s", exc)
+            up.add_metric([], 0)
+            yield up
+        else:
+            up.add_metric([], 1)
+            yield up
+            objects = GaugeMetricFamily("imaging_gateway_index_objects",
+                                        "Objects in the index, by level", labels=["level"])
+            for level, count in counts.items():
+                objects.add_metric([level], count)
+            yield objects
+            outbox = GaugeMetricFamily("imaging_gateway_publish_outbox",
+                                       "Studies in the FHIR publishing outbox, by state",
+                                       labels=["state"])
+            for state, count in states.items():
+                outbox.add_metric([state], count)
+            yield outbox
         free = GaugeMetricFamily("imaging_gateway_storage_free_bytes",
                                  "Free bytes on the file system of storage.path")
         with contextlib.suppress(OSError):

@@ -51,7 +51,7 @@ from pynetdicom.presentation import (
     negotiate_as_acceptor,
 )
 
-from gateway import storage, upper_layer
+from gateway import metrics, storage, upper_layer
 from gateway.errors import OutOfResources, StoreError
 from gateway.upper_layer import (
     A_RELEASE_RP,
@@ -132,7 +132,11 @@ def storing_into(ingest: Any, *, index_after_response: bool = False) -> StoreHan
         try:
             sink = ReceiveSink.for_path(path)
             if sink is not None:
-                sink.finish()  # flush; a write that failed while receiving is 0xA700 here
+                try:
+                    sink.finish()  # flush; a write that failed while receiving is 0xA700 here
+                except StoreError as exc:  # before the write path (which counts its own)
+                    metrics.store_failed(exc.status)
+                    raise
             result = ingest.store_file(path, move=True, expected_sop_class=sop_class,
                                        expected_sop_uid=sop_uid, source=calling,
                                        defer_index=index_after_response, meanwhile=meanwhile)

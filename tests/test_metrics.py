@@ -59,7 +59,13 @@ def test_metrics_count_stores_of_every_process_failures_requests_and_what_the_in
     assert requests.get(f"{gateway.dicomweb}/studies?StudyDate=bad", timeout=10) \
         .status_code == 400
 
+    assert requests.request("XYZ1", f"{gateway.base_url}/healthz", timeout=10) \
+        .status_code == 405  # a method nobody knows: counted, but not by its name
+
     after = _samples(gateway)
+    assert after[("imaging_gateway_index_up", ())] == 1
+    assert after[("imaging_gateway_http_requests_total", (
+        ("endpoint", "unmatched"), ("method", "other"), ("status", "405")))] == 1
     assert after[("imaging_gateway_instances_stored_total", (("outcome", "stored"),))] == 5
     size = sum(path.stat().st_size for path in files)
     assert size * 0.9 < after[("imaging_gateway_stored_bytes_total", ())] < size * 1.1
