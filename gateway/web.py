@@ -1,15 +1,17 @@
 """The HTTP application: DICOMweb under ``/dicomweb``, the gateway's API under ``/api`` (the
 reader's clinical context in :mod:`gateway.api`),
 ``/healthz`` (the process answers), ``/readyz`` (index reachable, storage writable) and
-``/metrics`` (Prometheus, :mod:`gateway.metrics`)."""
+``/metrics`` (Prometheus, :mod:`gateway.metrics`), and the small UI under ``/ui/``."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, jsonify, redirect, request, send_from_directory
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from gateway import (  # noqa: F401  (qido registers its routes on dicomweb.bp)
     api,
@@ -23,6 +25,9 @@ from gateway import (  # noqa: F401  (qido registers its routes on dicomweb.bp)
 from gateway.bootstrap import Services
 from gateway.cohort import CohortError
 from gateway.storage import is_valid_uid
+
+#: The small UI's static files.
+UI = Path(__file__).with_name("ui")
 
 
 def create_app(services: Services) -> Flask:
@@ -59,6 +64,16 @@ def create_app(services: Services) -> Flask:
         """Prometheus text exposition (gateway.metrics)."""
         body, content_type = metrics.exposition(services, request.headers.get("Accept", ""))
         return Response(body, content_type=content_type)
+
+    @app.get("/")
+    def home() -> WerkzeugResponse:
+        return redirect("/ui/")
+
+    @app.get("/ui/")
+    @app.get("/ui/<path:name>")
+    def ui(name: str = "index.html") -> Response:
+        """The small UI (gateway/ui: static files over the API and DICOMweb)."""
+        return send_from_directory(UI, name)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -2,7 +2,7 @@
 # Install everything the tests need (first run only) and run the whole check: lint, types,
 # tests. CI (.ci/run) runs exactly this. Extra arguments go to pytest.
 source "$(dirname "$0")/_env.sh"
-apt_install dcmtk postgresql
+apt_install dcmtk postgresql chromium  # chromium: tests/test_ui.py
 install_orthanc          # Debian's Orthanc 1.10 for tests/test_orthanc_interop.py
 ensure_venv "[test]"
 npm_install tests/fhir   # Medplum FHIR validator for tests/test_fhir_maps.py

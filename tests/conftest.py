@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -226,3 +227,28 @@ def pydicom_file(name: str) -> Path:
         raise FileNotFoundError(name)
     return Path(str(path))
 
+
+def c_store(gateway: GatewayProcess, path: Path) -> Any:
+    """One C-STORE of a file with pynetdicom, on its own association; the response's status
+    data set."""
+    import pydicom
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ds.SOPClassUID)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+
+def c_store_all(gateway: GatewayProcess, files: list[Path]) -> str:
+    """C-STORE each file (each must succeed); the first one's Study Instance UID."""
+    import pydicom
+
+    for path in files:
+        assert c_store(gateway, path).Status == 0x0000
+    return str(pydicom.dcmread(files[0]).StudyInstanceUID)

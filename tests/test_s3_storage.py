@@ -19,15 +19,13 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from gateway.config import load_settings
 from gateway.errors import ConfigError
 from gateway.storage import S3Storage, instance_key
 from gateway.upper_layer import dataset_offset
 
-from conftest import GatewayProcess, dcmtk_env, require_dcmtk
+from conftest import GatewayProcess, c_store, c_store_all, dcmtk_env, require_dcmtk
 from s3 import CREDENTIALS, MotoServer, S3Bucket
 from samples import dataset_bytes, fresh_copies
 from test_durability import make_ct_series, send_all_progressively
@@ -43,25 +41,6 @@ def _key(path: Path) -> str:
 def _on_s3(make_gateway: Callable[..., GatewayProcess], bucket: S3Bucket) -> GatewayProcess:
     """A started gateway keeping its blobs in ``bucket``."""
     return make_gateway(extra={"storage": bucket.settings()}, env=CREDENTIALS).start()
-
-
-def _store(gateway: GatewayProcess, files: list[Path]) -> str:
-    """C-STORE each file (each must succeed); their study's UID."""
-    for path in files:
-        assert _send(gateway, path).Status == 0x0000
-    return str(pydicom.dcmread(files[0]).StudyInstanceUID)
-
-
-def _send(gateway: GatewayProcess, path: Path) -> pydicom.Dataset:
-    """One C-STORE with pynetdicom; the response's status data set."""
-    ae = AE(ae_title="S3SCU")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
-    assert assoc.is_established
-    try:
-        return assoc.send_c_store(pydicom.dcmread(path))
-    finally:
-        assoc.release()
 
 
 def test_each_acknowledged_instance_is_an_object_in_the_bucket_holding_what_was_sent(
@@ -94,7 +73,7 @@ def test_an_instance_whose_local_copy_is_gone_is_read_back_from_the_bucket(
         tmp_path: Path) -> None:
     gateway = _on_s3(make_gateway, s3_bucket)
     files = fresh_copies(tmp_path, 3)
-    study_uid = _store(gateway, files)
+    study_uid = c_store_all(gateway, files)
     shutil.rmtree(gateway.data / "s3-cache" / study_uid)  # the local cache loses the whole study
 
     retrieved = requests.get(f"{gateway.dicomweb}/studies/{study_uid}", headers=MULTIPART_DICOM,
@@ -113,7 +92,7 @@ def test_a_bucket_that_is_gone_refuses_the_c_store_for_good_and_nothing_is_index
     s3_bucket.client().delete_bucket(Bucket=s3_bucket.name)
 
     (path,) = fresh_copies(tmp_path, 1)
-    status = _send(gateway, path)
+    status = c_store(gateway, path)
     assert status.Status == 0x0110  # Processing failure: retrying the same bucket cannot help
     assert "NoSuchBucket" in status.ErrorComment and "storage.s3_bucket" in status.ErrorComment
     assert requests.get(f"{gateway.dicomweb}/studies", timeout=10).json() == []
@@ -127,10 +106,10 @@ def test_an_unreachable_object_store_fails_the_c_store_with_a700_so_the_sender_r
     bucket.client().create_bucket(Bucket=bucket.name)
     gateway = _on_s3(make_gateway, bucket)
     first, second = fresh_copies(tmp_path, 2)
-    assert _send(gateway, first).Status == 0x0000
+    assert c_store(gateway, first).Status == 0x0000
     server.stop()
 
-    status = _send(gateway, second)
+    status = c_store(gateway, second)
     assert status.Status == 0xA700  # Out of Resources: the sender keeps its copy, retries later
     assert "object store unavailable" in status.ErrorComment
     found = requests.get(f"{gateway.dicomweb}/instances", timeout=10).json()
@@ -142,7 +121,7 @@ def test_deleting_a_study_removes_its_objects_and_reindex_rebuilds_the_index_fro
         tmp_path: Path) -> None:
     gateway = _on_s3(make_gateway, s3_bucket)
     files = fresh_copies(tmp_path, 4)
-    study_uid = _store(gateway, files)
+    study_uid = c_store_all(gateway, files)
     assert gateway.stop() == 0
 
     gateway.index_file.unlink()  # index and local cache lost: only the bucket remains
