@@ -48,8 +48,18 @@ def create_app(services: Services) -> Flask:
     app.register_blueprint(api.bp, url_prefix="/api")  # study context, patient history
 
     @app.before_request
-    def started() -> None:
+    def started() -> Response | None:
         g.started = time.perf_counter()
+        # A page of another site must not make a browser here change anything (replay,
+        # cohorts, STOW-RS, DELETE): browsers say where a request comes from; DICOMweb and
+        # API clients that are not browsers send no Sec-Fetch-Site and are not affected.
+        if request.method not in ("GET", "HEAD", "OPTIONS") and \
+                request.headers.get("Sec-Fetch-Site") == "cross-site":
+            response = jsonify({"status": 403, "error": "a request from another site's page "
+                                                        "cannot change anything here"})
+            response.status_code = 403
+            return response
+        return None
 
     @app.after_request
     def counted(response: Response) -> Response:
@@ -112,6 +122,11 @@ def create_app(services: Services) -> Flask:
     @app.post("/api/publish/replay")
     def publish_replay() -> Response:
         """Retry every failed study, or ``{"study": uid}`` only."""
+        if not request.is_json:  # (so no plain cross-site form can post it)
+            response = jsonify({"status": 415, "error": 'send JSON: {} for every failed study, '
+                                                        '{"study": uid} for one'})
+            response.status_code = 415
+            return response
         body = request.get_json(silent=True) or {}
         study = body.get("study") if isinstance(body, dict) else None
         if study is not None and not is_valid_uid(study):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from conftest import GatewayProcess, c_store_all
@@ -54,7 +55,7 @@ def test_the_ui_shows_holdings_finds_studies_and_says_why_a_query_fails(
 
     page.fill("#find [name=PatientID]", patient_id)
     page.click("#find button")
-    expect(page.locator("#find-status")).to_have_text("1 studies")
+    expect(page.locator("#find-status")).to_have_text("1 study")
     row = page.locator("#studies tbody tr")
     expect(row).to_have_count(1)
     expect(row.locator("td").nth(6)).to_have_text("3")
@@ -95,3 +96,22 @@ def test_text_from_the_archive_is_shown_as_text_never_as_markup(
     expect(cell).to_have_text("<img src=x onerror=document.title='owned'>")
     assert page.title() == "imaging-gateway"
     assert page.locator("#studies img").count() == 0
+
+
+def test_a_page_of_another_site_cannot_make_a_browser_change_anything(
+        make_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+    gateway = make_gateway().start()
+    (path,) = fresh_copies(tmp_path, 1)
+    study_uid = c_store_all(gateway, [path])
+    cross_site = {"Sec-Fetch-Site": "cross-site"}  # what a browser sends for another site's page
+    gone = requests.delete(f"{gateway.dicomweb}/studies/{study_uid}", headers=cross_site,
+                           timeout=10)
+    assert gone.status_code == 403 and "another site" in gone.json()["error"]
+    replay = f"{gateway.base_url}/api/publish/replay"
+    assert requests.post(replay, headers=cross_site, json={}, timeout=10).status_code == 403
+    form = requests.post(replay, data="study=1.2.3", timeout=10,  # what a plain form sends
+                         headers={"Content-Type": "text/plain"})
+    assert form.status_code == 415
+    assert requests.post(replay, json={}, timeout=10).json() == {"queued": 0}
+    same_site = requests.get(f"{gateway.dicomweb}/studies", headers=cross_site, timeout=10)
+    assert same_site.status_code == 200 and len(same_site.json()) == 1  # reading is fine

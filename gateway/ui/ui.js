@@ -4,7 +4,9 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 
-async function call(url, options) {
+// The JSON answer of a same-origin request; an Error with the server's reason otherwise.
+// `warnings` receives the answer's Warning header (QIDO-RS: more matches than shown).
+async function call(url, options, warnings) {
   const response = await fetch(url, options);
   const text = await response.text();
   let body = null;
@@ -13,8 +15,11 @@ async function call(url, options) {
     const reason = body && body.error ? body.error : `${response.status} ${response.statusText}`;
     throw new Error(reason);
   }
+  if (warnings) warnings.push(response.headers.get("Warning") || "");
   return body;
 }
+
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 
 function row(table, cells) {
   const tr = document.createElement("tr");
@@ -41,9 +46,11 @@ function say(element, text, isError) {
 function value(dataset, tag) {
   const element = dataset[tag];
   if (!element || !element.Value || !element.Value.length) return "";
-  const first = element.Value[0];
-  if (element.vr === "PN") return first.Alphabetic || "";
-  return element.Value.length > 1 ? element.Value.join("\\") : String(first);
+  if (element.vr === "PN") {
+    return element.Value.map((name) => name.Alphabetic || name.Ideographic || name.Phonetic || "")
+      .join("\\");
+  }
+  return element.Value.join("\\");
 }
 
 async function showStatus() {
@@ -63,7 +70,8 @@ async function showPublishing() {
   const table = $("failed");
   table.tBodies[0].replaceChildren();
   for (const failure of publish.failed) row(table, [failure.study, failure.attempts, failure.error]);
-  table.hidden = $("replay").hidden = publish.failed.length === 0;
+  table.hidden = publish.failed.length === 0;
+  $("replay").hidden = table.hidden || !publish.enabled;  // nothing would publish them
 }
 
 async function showCohorts() {
@@ -71,15 +79,18 @@ async function showCohorts() {
   const table = $("cohorts");
   table.tBodies[0].replaceChildren();
   for (const c of cohorts) {
-    row(table, [c.id, c.name, c.counts.patients, c.counts.studies, c.ae_title,
-                link(c.dicomweb, c.dicomweb), link(`${c.export}?format=csv`, "CSV")]);
+    // The DICOMweb base is for DICOMweb clients (it has no page of its own); the export link
+    // stays on this origin, whatever http.public_url says.
+    row(table, [c.id, c.name, c.counts.patients, c.counts.studies, c.ae_title, c.dicomweb,
+                link(`/api/cohorts/${encodeURIComponent(c.id)}/export?format=csv`, "CSV")]);
   }
   table.hidden = cohorts.length === 0;
 }
 
 $("replay").addEventListener("click", async () => {
   try {
-    const answer = await call("/api/publish/replay", { method: "POST" });
+    const answer = await call("/api/publish/replay", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
     say($("replayed"), `${answer.queued} queued`, false);
     await showPublishing();
   } catch (error) { say($("replayed"), error.message, true); }
@@ -89,18 +100,19 @@ $("find").addEventListener("submit", async (event) => {
   event.preventDefault();
   const query = new URLSearchParams();
   for (const [key, given] of new FormData(event.target)) if (given.trim()) query.append(key, given.trim());
-  query.append("includefield", "StudyDescription");
   const table = $("studies");
   table.tBodies[0].replaceChildren();
   try {
-    const studies = await call(`/dicomweb/studies?${query}`);
-    for (const s of studies || []) {
+    const warnings = [];
+    const studies = (await call(`/dicomweb/studies?${query}`, undefined, warnings)) || [];
+    for (const s of studies) {
       row(table, [value(s, "00100010"), value(s, "00100020"), value(s, "00080020"),
                   value(s, "00080061"), value(s, "00081030"), value(s, "00080050"),
                   value(s, "00201208"), value(s, "0020000D")]);
     }
-    table.hidden = !(studies && studies.length);
-    say($("find-status"), `${studies ? studies.length : 0} studies`, false);
+    table.hidden = studies.length === 0;
+    const more = warnings[0] ? ` shown; more match (${warnings[0]})` : "";
+    say($("find-status"), plural(studies.length, "study", "studies") + more, false);
   } catch (error) {
     table.hidden = true;
     say($("find-status"), error.message, true);
@@ -119,10 +131,13 @@ $("cohort").addEventListener("submit", async (event) => {
     const cohort = await call("/api/cohorts", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ name: form.get("name"), fhir: form.get("fhir"), imaging }) });
-    say($("cohort-status"), `cohort ${cohort.id}: ${cohort.counts.studies} studies of ${cohort.counts.patients} patients`, false);
-    await showCohorts();
-  } catch (error) { say($("cohort-status"), error.message, true); }
+    say($("cohort-status"), `cohort ${cohort.id}: ${plural(cohort.counts.studies, "study", "studies")} of ` +
+        plural(cohort.counts.patients, "patient", "patients"), false);
+  } catch (error) { say($("cohort-status"), error.message, true); return; }
+  showCohorts().catch((error) => say($("cohort-list-status"), error.message, true));
 });
 
-Promise.all([showStatus(), showPublishing(), showCohorts()]).catch(
-  (error) => say($("publishing"), error.message, true));
+// Each part says its own trouble where it shows.
+showStatus().catch((error) => say($("status"), error.message, true));
+showPublishing().catch((error) => say($("publishing"), error.message, true));
+showCohorts().catch((error) => say($("cohort-list-status"), error.message, true));
