@@ -14,6 +14,7 @@ import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from conftest import GatewayProcess, c_store_all
+from fhir_servers import NARROW_CLIENT, Sekmet
 from samples import fresh_copies
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -115,3 +116,32 @@ def test_a_page_of_another_site_cannot_make_a_browser_change_anything(
     assert requests.post(replay, json={}, timeout=10).json() == {"queued": 0}
     same_site = requests.get(f"{gateway.dicomweb}/studies", headers=cross_site, timeout=10)
     assert same_site.status_code == 200 and len(same_site.json()) == 1  # reading is fine
+
+
+def test_a_study_the_fhir_server_refused_is_listed_with_why_and_can_be_published_again(
+        make_gateway: Callable[..., GatewayProcess], sekmet: Sekmet, page: Page,
+        tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(sekmet.narrow_secret.reveal())
+    gateway = make_gateway(extra={  # a client whose scopes do not allow writing ImagingStudy
+        "fhir": {"base_url": sekmet.base_url, "auth": "client_credentials",
+                 "client_id": NARROW_CLIENT, "auth_method": "client_secret_basic",
+                 "client_secret_file": str(secret), "ca_bundle": str(sekmet.ca_file),
+                 "scope": "system/Patient.rs"},
+        "publish": {"quiet_seconds": 0.5, "patient_system": "urn:oid:1.2.3.4",
+                    "patient_policy": "identifier"}}).start()
+    (path,) = fresh_copies(tmp_path, 1)
+    study_uid = c_store_all(gateway, [path])
+    page.goto(f"{gateway.base_url}/ui/")
+    expect(page.locator("#publishing")).to_contain_text("on:")
+    for _ in range(100):  # the refusal is permanent: the study lands in the failed list
+        page.reload()
+        if page.locator("#failed tbody tr").count():
+            break
+        page.wait_for_timeout(200)
+    failed = page.locator("#failed tbody tr")
+    expect(failed).to_have_count(1)
+    expect(failed.locator("td").nth(0)).to_have_text(study_uid)
+    expect(failed.locator("td").nth(2)).to_contain_text("403")
+    page.click("#replay")
+    expect(page.locator("#replayed")).to_have_text("1 queued")
