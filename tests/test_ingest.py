@@ -4,6 +4,7 @@ share fsyncs and one index commit, yet each succeeds or fails on its own."""
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,9 @@ def test_an_object_replaced_in_place_before_a_crash_is_indexed_again_from_its_bl
     (original,) = fresh_copies(tmp_path, 1)
     first = services.ingest.store_file(original, move=False, source="test")
     services.index.sync()  # the original row is durable
+    # File times come from the kernel's coarse clock, which lags time.time() by up to a tick
+    # (4 ms here): a replacement written within that tick of the row could look older than it.
+    time.sleep(0.05)
     replacement = tmp_path / "replacement.dcm"
     ds = pydicom.dcmread(original)
     ds.InstanceNumber = 99
